@@ -1,0 +1,36 @@
+# Two commands on a fresh machine (Python 3.11+, network to PyPI):  make demo  |  make test
+# Each bootstraps .venv itself. torch is installed FIRST and pinned here (a CPU build on CPU machines); the package
+# itself only asks for a floor, so GPU users keep their CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast venv clean prebuild-ds
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# DeepSpeed JIT-builds its shared-memory comm op on first CPU use (~60 s); build it once, up front.
+prebuild-ds: venv
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+
+demo: venv prebuild-ds
+	$(BIN)/raytune-minicpmv demo --out demo_out
+
+test: venv prebuild-ds
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
