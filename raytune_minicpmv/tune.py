@@ -1,0 +1,278 @@
+"""Learning-rate search with Ray Tune + ASHA over training runs, then a merge of the best trial.
+
+    raytune-minicpmv tune --config configs/minicpmv26_tune.yaml [key.path=value ...]
+
+Story of `run_tune`: validate → connect to Ray → preprocess ONCE to Parquet (every trial reads it) → one Tune trial per
+sampled config, each trial a small *driver* function on a CPU that builds and fits a Ray Train `TorchTrainer` (Train V2:
+``Tuner(trainer)`` is gone) → ASHA stops bad learning rates at evaluation milestones → pick the best trial by its best
+evaluated checkpoint → report (table, plot, report.md) → merge that checkpoint into the base model (a Ray task).
+
+Restart: rerunning the same command (same run.name + run.storage_path) restores the experiment: finished trials are
+kept, unfinished ones resume from their last Train checkpoint (trial run names are derived from stable trial ids).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import Config, ConfigError, join_uri, replace
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "checkpoint_path"
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    trial_id: str
+    config: dict
+    metric: float
+    step: int
+    checkpoint_path: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry
+
+
+def run_tune(cfg: Config) -> dict:
+    """Run the search, report it, merge the best trial. Returns a summary dict (also written to report.md)."""
+    from . import cluster
+
+    cfg = _tune_ready(cfg)
+    ray = cluster.init_ray(cfg)
+    _check_storage(cfg)
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    cfg = _ensure_preprocessed(cfg)
+    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    log.info("tune experiment: %s (metric %s/%s, %d concurrent trials)", exp_dir, cfg.tune.metric, cfg.tune.mode,
+             concurrency)
+
+    t0 = time.time()
+    results = _build_or_restore_tuner(cfg, concurrency).fit()
+    elapsed = time.time() - t0
+
+    trials = collect_trials(results, cfg)
+    best = select_best(trials, cfg.tune.metric, cfg.tune.mode)
+    from .tune_report import write_tune_report
+
+    summary = write_tune_report(exp_dir, trials, best, cfg, elapsed)
+    if cfg.merge.enabled:
+        from .merge import run_merge
+
+        merged = run_merge(cfg.model.path, os.path.join(best.checkpoint_path, "adapter"), cfg.merge_output_path,
+                           cfg.merge)
+        summary["merged_path"] = str(merged)
+        log.info("merged model: %s", merged)
+    print(f"best trial {best.trial_id}: {cfg.tune.metric}={best.metric:.4f} at step {best.step} "
+          f"(lr={best.config.get('lr'):.3g}); checkpoint {best.checkpoint_path}")
+    if "merged_path" in summary:
+        print(f"merged model: {summary['merged_path']}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation and derived settings
+
+
+def _tune_ready(cfg: Config) -> Config:
+    """Trial runs checkpoint at every evaluation so the best *evaluated* weights exist to merge."""
+    problems = []
+    if cfg.tune.metric == "eval_loss" and not cfg.data.eval_path and not cfg.data.preprocessed:
+        problems.append("data.eval_path: tune ranks trials by eval_loss; give an eval split "
+                        "(or set tune.metric to a training metric such as loss)")
+    if cfg.merge.enabled and cfg.trainable.llm == "full" and cfg.trainable.preset is None:
+        pass  # full fine-tuning: the merge step copies the trained weights (handled by merge)
+    if problems:
+        raise ConfigError(problems)
+    return replace(cfg, train={"save_steps": cfg.train.eval_steps})
+
+
+def reports_per_trial(cfg: Config) -> int:
+    """ASHA's time unit is one evaluation report; a full trial makes this many."""
+    return max(1, cfg.train.max_steps // cfg.train.eval_steps)
+
+
+def max_concurrent_trials(cfg: Config, cluster_resources: dict) -> int:
+    """Derived from the cluster: GPUs (or CPUs on a CPU cluster) ÷ what one trial's workers take. Fails fast when the
+    configured concurrency cannot fit; a cluster that autoscales from zero GPU nodes needs it set explicitly."""
+    sc = cfg.scaling
+    key, per_worker = ("GPU", 1.0) if sc.use_gpu else ("CPU", sc.cpus_per_worker)
+    per_trial = sc.num_workers * per_worker + (cfg.tune.driver_resources.get(key, 0.0))
+    have = float(cluster_resources.get(key, 0.0))
+    want = cfg.tune.max_concurrent_trials
+    if want is None:
+        if have < per_trial:
+            if sc.use_gpu:
+                raise ConfigError([f"tune.max_concurrent_trials: the cluster has {have:g} GPUs now (autoscaling from "
+                                   f"zero?); set it explicitly (each trial takes {sc.num_workers} GPUs)"])
+            raise ConfigError([f"scaling.num_workers: one trial needs {per_trial:g} CPUs, the cluster has {have:g}"])
+        return max(1, int(math.floor(have / per_trial + 1e-9)))
+    if have > 0 and want * per_trial > have + 1e-9:
+        log.warning("tune.max_concurrent_trials=%d × %g %s per trial exceeds the %g the cluster has now; the "
+                    "extra trials wait for the autoscaler", want, per_trial, key, have)
+    return want
+
+
+def experiment_name(cfg: Config) -> str:
+    return f"{cfg.run.name}-tune"
+
+
+def _check_storage(cfg: Config) -> None:
+    from . import cluster
+
+    check = getattr(cluster, "check_storage", None)
+    if check is not None:
+        check(cfg)
+
+
+def _ensure_preprocessed(cfg: Config) -> Config:
+    """Preprocess once; every trial then reads the same Parquet (no per-trial image decoding or tokenization)."""
+    if cfg.data.preprocessed:
+        return cfg
+    from .pipeline import run_preprocess
+
+    done = join_uri(cfg.data_output_path, "report.json")
+    if os.path.exists(done):
+        log.info("reusing preprocessed data at %s", cfg.data_output_path)
+    else:
+        run_preprocess(cfg)
+    return replace(cfg, data={"preprocessed": True, "output_path": cfg.data_output_path})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Search space, trial driver, tuner
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    s = cfg.tune.search
+    space: dict[str, Any] = {}
+    space["lr"] = tune.loguniform(*s.lr) if s.lr_sampler == "loguniform" else tune.grid_search(list(s.lr))
+    for name in ("weight_decay", "lora_r", "warmup_ratio"):
+        values = getattr(s, name)
+        if values:
+            space[name] = tune.grid_search(list(values))
+    return space
+
+
+def trial_config(cfg: Config, params: dict) -> Config:
+    """The run config of one trial: the base config with the sampled values."""
+    optim = {k: params[k] for k in ("lr", "weight_decay", "warmup_ratio") if k in params}
+    out = replace(cfg, optim=optim) if optim else cfg
+    if "lora_r" in params:
+        out = replace(out, lora={"r": int(params["lora_r"]), "alpha": int(params["lora_r"])})
+    return out
+
+
+def make_trial_driver(cfg: Config):
+    """A Tune function trainable: one Train run per trial, its eval reports forwarded to Tune."""
+    cfg_dict = cfg.to_dict()
+
+    def trial_driver(params: dict) -> None:
+        from ray import tune
+
+        from .config import config_from_dict
+        from .train import build_trainer
+
+        base = config_from_dict(cfg_dict, check_paths=False)
+        trial_id = tune.get_context().get_trial_id()
+        trainer = build_trainer(trial_config(base, params), run_name=f"{experiment_name(base)}-trial-{trial_id}",
+                                callbacks=[EvalReportCallback(base.tune.metric)])
+        trainer.fit()
+
+    return trial_driver
+
+
+def _build_or_restore_tuner(cfg: Config, concurrency: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = tune.with_resources(make_trial_driver(cfg), dict(cfg.tune.driver_resources))
+    path = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    if tune.Tuner.can_restore(path):
+        log.info("restoring tune experiment from %s", path)
+        return tune.Tuner.restore(path, trainable, resume_errored=True)
+    if cfg.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.tune.max_t or reports_per_trial(cfg),
+                                  grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                    scheduler=scheduler, max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=experiment_name(cfg), storage_path=cfg.run.storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+    )
+
+
+def EvalReportCallback(metric: str):  # noqa: N802 - behaves as a class for callers
+    """A Train callback that forwards only evaluation reports (those carrying `metric`) to Tune, each with the path
+    of the checkpoint saved at that step — so one Tune iteration is one evaluation, ASHA's unit."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _EvalReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return _EvalReportCallback()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    config: dict
+    history: list[dict]  # every forwarded (evaluation) result, in order
+    status: str  # finished | stopped | error
+    error: Optional[str]
+    time_s: float
+
+
+def collect_trials(results, cfg: Config) -> list[TrialRecord]:
+    full = cfg.tune.max_t or reports_per_trial(cfg)
+    out = []
+    for r in results:
+        df = r.metrics_dataframe
+        history = [] if df is None else df.to_dict("records")
+        n = len(history)
+        status = "error" if r.error else ("finished" if n >= full else "stopped")
+        trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
+        t = float(history[-1].get("time_total_s", 0.0)) if history else 0.0
+        out.append(TrialRecord(trial_id=str(trial_id), config=dict(r.config), history=history, status=status,
+                               error=str(r.error) if r.error else None, time_s=t))
+    return out
+
+
+def select_best(trials: list[TrialRecord], metric: str, mode: str) -> BestTrial:
+    """Best over each trial's best *checkpointed* evaluation (not its last). Ties: earlier step, then trial id."""
+    candidates = []
+    for t in trials:
+        for row in t.history:
+            v, ck = row.get(metric), row.get(CHECKPOINT_KEY)
+            if v is None or ck is None or not isinstance(ck, str) or not math.isfinite(float(v)):
+                continue
+            key = float(v) if mode == "min" else -float(v)
+            candidates.append((key, int(row.get("step", 0)), t.trial_id, float(v), ck, t.config))
+    if not candidates:
+        errors = [f"{t.trial_id}: {t.error.splitlines()[0] if t.error else t.status}" for t in trials]
+        raise RuntimeError("no trial reported a checkpointed evaluation of "
+                           f"{metric!r}; every trial failed or stopped before its first evaluation:\n  "
+                           + "\n  ".join(errors or ["(no trials ran)"]))
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+    if len(candidates) > 1 and candidates[0][0] == candidates[1][0] and candidates[0][2] != candidates[1][2]:
+        log.warning("tie on %s=%g between trials %s and %s; taking %s (earlier step, then trial id)",
+                    metric, candidates[0][3], candidates[0][2], candidates[1][2], candidates[0][2])
+    _, step, trial_id, value, ck, config = candidates[0]
+    return BestTrial(trial_id=trial_id, config=config, metric=value, step=step, checkpoint_path=ck)
