@@ -129,6 +129,12 @@ class DeepSpeedConfig:
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
     overlap_comm: bool = True
     reduce_bucket_size: float = 5e8
+    # train: ZeRO-3 keeps params smaller than this (numel) unpartitioned on every rank (less all-gather traffic)
+    param_persistence_threshold: float = 1e5
+    # train: fp16 only, dynamic loss scaling starts at 2**this
+    fp16_initial_scale_power: int = 16
+    # train: with offload_optimizer=cpu use DeepSpeedCPUAdam (JIT-compiled once, ~2 min); false: torch AdamW on CPU
+    cpu_adam: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,9 @@ class ScalingConfig:
     use_gpu: bool = True
     cpus_per_worker: float = 8.0  # sets the worker's thread count (OMP_NUM_THREADS); 1 starves the data loader
     accelerator_type: Optional[str] = None  # e.g. H100: lands workers on that card type
+    # train: the driver checks ray.cluster_resources() covers the workers; false on autoscaling clusters whose
+    # GPU nodes are not up yet
+    check_resources: bool = True
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,14 @@ class Config:
     @property
     def merge_output_path(self) -> str:
         return self.merge.output_path or join_uri(self.run_dir, "merged")
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one train worker: one GPU + its CPUs, or (CPU-only) a CPU share that leaves room for
+        Ray Data's tasks (a CPU cluster whose workers take every CPU never schedules the data pipeline)."""
+        if self.scaling.use_gpu:
+            return {"CPU": self.scaling.cpus_per_worker, "GPU": 1.0}
+        return {"CPU": self.scaling.cpus_per_worker}
 
     @property
     def global_batch_size(self) -> int:
@@ -463,6 +480,12 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(not (ds.offload_param == "cpu" and ds.zero_stage != 3),
          "deepspeed.offload_param: parameter offload needs zero_stage 3")
     need(not (m.dtype == "fp16" and not cfg.scaling.use_gpu), "model.dtype: fp16 needs GPUs; use bf16 or fp32 on CPU")
+    need(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold: must be >= 0")
+    need(ds.reduce_bucket_size > 0, "deepspeed.reduce_bucket_size: must be > 0")
+    need(4 <= ds.fp16_initial_scale_power <= 32, "deepspeed.fp16_initial_scale_power: must be in [4, 32]")
+    need(tr.eval_max_batches is None or tr.eval_max_batches >= 1, "train.eval_max_batches: must be >= 1 or unset")
+    need(tr.fail_at_step is None or 1 <= tr.fail_at_step <= tr.max_steps,
+         "train.fail_at_step: must be in [1, train.max_steps] or unset (a test hook)")
     # scaling
     sc = cfg.scaling
     need(sc.num_workers >= 1, "scaling.num_workers: must be >= 1")
