@@ -45,6 +45,7 @@ class RayConfig:
     num_cpus: Optional[int] = None  # only for a new local Ray
     include_dashboard: bool = True  # Tune+ASHA needs the State API to free stopped trials' placement groups
     worker_group_start_timeout_s: float = 900.0  # long enough for the autoscaler to bring up GPU nodes
+    driver_resource: str = "trial_driver"  # custom resource of the CPU head; drivers/merge/job ask for 1 if present
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,9 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
             p.append(msg)
 
     need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name: must be a non-empty name without '/'")
+    need(cfg.ray.worker_group_start_timeout_s > 0, "ray.worker_group_start_timeout_s: must be > 0 (seconds)")
+    need(cfg.ray.driver_resource.isidentifier() or cfg.ray.driver_resource == "",
+         "ray.driver_resource: must be a resource name like trial_driver (or \"\" to disable)")
     # data
     d = cfg.data
     need(d.llm_type is None or d.llm_type in LLM_TYPES,
