@@ -1,0 +1,215 @@
+"""Run our commands on a running Ray cluster through the Ray Jobs API, and watch them.
+
+    raytune-minicpmv submit [--address URL] [--follow] [--env K=V ...] -- raytune-minicpmv tune --config configs/x.yaml
+    raytune-minicpmv status JOB_ID [--address URL]     # JSON: status, message, entrypoint, times
+    raytune-minicpmv logs   JOB_ID [--address URL] [--follow]
+    raytune-minicpmv stop   JOB_ID [--address URL]
+
+How it works: `submit` uploads the project directory as the job's working_dir (the config file travels with it; large
+data and checkpoints do not: they live on shared storage), forwards NCCL_* / RAY_TRAIN_* settings of the submitting
+shell plus `--env` pairs, and asks for one unit of the head's driver resource (`trial_driver`) when the cluster has
+it, so the job driver runs on the CPU head and not on a GPU node that the autoscaler may remove.
+
+Address: `--address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (when it is an http(s) URL), else
+http://127.0.0.1:8265 (e.g. through `ray dashboard cluster.yaml`). Token authentication: the token is read the way
+Ray reads it (RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) and sent as a
+bearer header, whether or not RAY_AUTH_MODE is set in the submitting shell.
+
+Exit codes: submit without --follow: 0 once the job is accepted. With --follow (and `logs --follow`): 0 when the job
+SUCCEEDED, 1 when it FAILED or was STOPPED. 2: the cluster refused or could not be reached.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .config import RayConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Never uploaded (Ray also honours .gitignore): environments, VCS data, local run outputs, caches.
+WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "runs", "demo_out", "**/__pycache__", "*.pyc", ".pytest_cache",
+                        "*.egg-info", "build", "dist", "*.safetensors", "*.bin", "*.pt"]
+# Settings of the submitting shell that the job needs on every node (networking, Train timeouts).
+FORWARDED_ENV_PREFIXES = ("NCCL_", "RAY_TRAIN_")
+FORWARDED_ENV_KEYS = ("TORCH_CUDA_ARCH_LIST", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TORCH_EXTENSIONS_DIR")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobError(RuntimeError):
+    """A submission problem the user can fix (printed without a traceback)."""
+
+
+def cli(args) -> int:
+    """Entry of `raytune-minicpmv submit|status|logs|stop` (argparse namespace from cli.py)."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        client = make_client(resolve_address(args.address))
+        if args.command == "submit":
+            return _submit_cmd(client, args)
+        if args.command == "status":
+            print(json.dumps(job_status(client, args.job_id), indent=2))
+            return 0
+        if args.command == "logs":
+            if args.follow:
+                return follow(client, args.job_id)
+            print(client.get_job_logs(args.job_id), end="")
+            return 0
+        if args.command == "stop":
+            stopped = client.stop_job(args.job_id)
+            print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
+            return 0
+    except AuthenticationError as e:
+        print(f"error: the cluster refused the request: {e}\nGive the cluster's token: export RAY_AUTH_TOKEN=... "
+              "(on the head: `ray get-auth-token`), or RAY_AUTH_TOKEN_PATH=FILE, or put it in ~/.ray/auth_token.",
+              file=sys.stderr)
+        return 2
+    except (ConnectionError, JobError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+def _submit_cmd(client, args) -> int:
+    entrypoint = _strip_separator(args.entrypoint)
+    working_dir = Path(args.working_dir).resolve()
+    check_entrypoint(entrypoint, working_dir)
+    runtime_env = build_runtime_env(working_dir, args.env)
+    resources = entrypoint_resources(client.get_address())
+    job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+                               submission_id=args.submission_id, entrypoint_resources=resources or None)
+    print(job_id, flush=True)
+    log.info("submitted %s to %s (entrypoint resources %s)", job_id, client.get_address(), resources or "none")
+    if not args.follow:
+        print(f"follow it with: raytune-minicpmv logs {job_id} --follow", file=sys.stderr)
+        return 0
+    return follow(client, job_id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks (each usable on its own)
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else an http(s) RAY_ADDRESS, else the local port-forward."""
+    if address:
+        return address
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return os.environ["RAY_API_SERVER_ADDRESS"]
+    # RAY_ADDRESS may also hold a GCS address (host:6379) meant for ray.init; only a dashboard URL fits here.
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    if ray_address.startswith(("http://", "https://")):
+        return ray_address
+    return DEFAULT_ADDRESS
+
+
+def auth_headers() -> dict[str, str]:
+    """The bearer header for the cluster's token, found the way Ray's own clients find it; {} without a token.
+
+    Ray's job client only attaches the token when RAY_AUTH_MODE=token is set in the submitting shell; we always
+    attach it when one is found (a cluster without token auth ignores it).
+    """
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # the environment may have changed since the last call in this process
+    return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+
+
+def make_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=auth_headers())
+
+
+def build_runtime_env(working_dir: Path, env_pairs: list[str]) -> dict:
+    """working_dir + excludes + the env vars the job needs (forwarded settings, then --env pairs)."""
+    if not working_dir.is_dir():
+        raise JobError(f"--working-dir {working_dir} is not a directory")
+    env = {"PYTHONUNBUFFERED": "1"}  # logs stream to `--follow` as they are written
+    for key, value in os.environ.items():
+        if key.startswith(FORWARDED_ENV_PREFIXES) or key in FORWARDED_ENV_KEYS:
+            env[key] = value
+    for pair in env_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise JobError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+
+
+def check_entrypoint(entrypoint: list[str], working_dir: Path) -> None:
+    """Fail before uploading: an empty command, or a --config of ours that will not be in the job's working dir."""
+    if not entrypoint:
+        raise JobError("nothing to run: give the command after `--`, e.g. "
+                       "`raytune-minicpmv submit -- raytune-minicpmv tune --config configs/x.yaml`")
+    if Path(entrypoint[0]).name != "raytune-minicpmv":
+        return  # someone else's command: its flags mean something else (python -c ...)
+    for flag, value in zip(entrypoint, entrypoint[1:]):
+        if flag not in ("--config", "-c"):
+            continue
+        path = Path(value)
+        resolved = path if path.is_absolute() else working_dir / path
+        if not resolved.is_file():
+            raise JobError(f"{flag} {value}: no such file under the working dir {working_dir}")
+        if not path.is_absolute() and not resolved.resolve().is_relative_to(working_dir):
+            raise JobError(f"{flag} {value}: lies outside the working dir {working_dir}; it would not be uploaded")
+        if path.is_absolute():
+            log.warning("%s %s is absolute: it must exist at that path on the head node (a relative path under "
+                        "the working dir travels with the job)", flag, value)
+
+
+def entrypoint_resources(address: str) -> dict[str, float]:
+    """{driver_resource: 1} when an alive node of the cluster advertises it (the CPU head of cluster.yaml), else {}."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    name = RayConfig().driver_resource
+    # The State API behind `ray list nodes`, with the same token as the job calls.
+    states = StateApiClient(address, headers=auth_headers()).list(
+        StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
+        raise_on_missing_output=False)
+    if any((n.resources_total or {}).get(name, 0) >= 1 for n in states):
+        return {name: 1.0}
+    return {}
+
+
+def job_status(client, job_id: str) -> dict:
+    info = client.get_job_info(job_id)
+    return {"job_id": job_id, "status": str(info.status), "message": info.message, "entrypoint": info.entrypoint,
+            "start_time": info.start_time, "end_time": info.end_time,
+            "driver_exit_code": getattr(info, "driver_exit_code", None)}
+
+
+def follow(client, job_id: str, poll_s: float = 2.0) -> int:
+    """Stream the job's logs until it ends; 0 when it SUCCEEDED, 1 otherwise."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+        status = str(client.get_job_status(job_id))
+        while status not in TERMINAL:  # the log stream can close (network blip) before the job ends
+            time.sleep(poll_s)
+            status = str(client.get_job_status(job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (raytune-minicpmv stop {job_id})", file=sys.stderr)
+        return 130
+    info = client.get_job_info(job_id)
+    print(f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""),
+          file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _strip_separator(entrypoint: list[str]) -> list[str]:
+    return entrypoint[1:] if entrypoint[:1] == ["--"] else list(entrypoint)
