@@ -1,0 +1,442 @@
+"""The training stage: Ray Train (TorchTrainer, V2) workers running a DeepSpeed ZeRO-2/3 engine, LoRA or full.
+
+    raytune-minicpmv train --config configs/minicpmv26_lora.yaml [key.path=value ...]
+
+    from raytune_minicpmv.train import run_train, build_trainer
+    summary = run_train(cfg)                                   # validate, start Ray, fit, print and return the report
+    trainer = build_trainer(cfg, run_name="trial-1", callbacks=[...])   # for Tune trial drivers; trainer.fit()
+
+One optimizer step on every rank (see docs/TRAINING.md):
+
+1. take `gradient_accumulation_steps` micro-batches from the rank's shard (epochs chain on; every rank does the
+   same number of steps because Ray splits the data equally and batches drop the ragged tail);
+2. all-reduce the step's counts (label tokens, real/padded tokens, images, ...) across ranks — ONE small vector;
+3. for each micro-batch: forward, sum-reduced cross entropy, backward of ``loss_sum × world / global_label_tokens``
+   (DeepSpeed averages gradients over ranks, so the applied gradient is that of the mean loss over every
+   non-ignored token of the whole global batch, however tokens fall across micro-batches and ranks), engine.step;
+4. every `logging_steps` / `eval_steps` / `save_steps` (and at the end) one `ray.train.report` on every rank,
+   with the evaluation and the checkpoint of that step attached.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_from_dict, is_uri, join_uri
+from .deepspeed import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, torch_dtype
+from .metrics import (FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, format_log_line,
+                      format_run_report, peak_flops)
+
+log = logging.getLogger(__name__)
+
+
+# ==============================================================================================================
+# Driver side
+
+
+def run_train(cfg: Config) -> dict:
+    """Validate, start or join Ray, fit one training run, print and return its report."""
+    check_driver(cfg)
+    from .cluster import init_ray
+
+    ray = init_ray(cfg)
+    check_cluster(cfg, ray.cluster_resources())
+    trainer = build_trainer(cfg)
+    print(f"training run {cfg.run.name!r}: checkpoints and results in {cfg.run_dir}; "
+          f"TensorBoard: tensorboard --logdir {tensorboard_dir(cfg)}", flush=True)
+    started = time.time()
+    result = trainer.fit()
+    summary = summarize(cfg, result, wall_s=time.time() - started)
+    print(format_run_report(summary), flush=True)
+    return summary
+
+
+def check_driver(cfg: Config) -> None:
+    """Everything checkable before any worker starts: model family, tracker packages. Raises ConfigError."""
+    problems = []
+    try:
+        from .models import get_family
+
+        get_family(cfg.model.family)
+    except (KeyError, ValueError) as e:
+        problems.append(f"model.family: {e}")
+    for backend in cfg.train.report_to:
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[backend]
+        try:
+            __import__(module)
+        except ImportError:
+            problems.append(f"train.report_to: {backend} is not installed (pip install {module}, or drop it)")
+    if cfg.deepspeed.offload_optimizer == "cpu" and cfg.deepspeed.zero_stage not in (2, 3):
+        problems.append("deepspeed.offload_optimizer: needs zero_stage 2 or 3")
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_cluster(cfg: Config, resources: dict) -> None:
+    """The cluster has the CPUs/GPUs the workers ask for (skipped with scaling.check_resources=false)."""
+    sc = cfg.scaling
+    if not sc.check_resources:
+        return
+    problems = []
+    want = cfg.worker_resources
+    for key, per_worker in want.items():
+        have, need = float(resources.get(key, 0.0)), per_worker * sc.num_workers
+        if have + 1e-9 < need:
+            problems.append(f"scaling: {sc.num_workers} workers need {need:g} {key}, the cluster has {have:g} "
+                            f"(lower scaling.num_workers / scaling.cpus_per_worker, or set "
+                            f"scaling.check_resources=false on an autoscaling cluster)")
+    if not sc.use_gpu and float(resources.get("CPU", 0.0)) - want["CPU"] * sc.num_workers < 0.1:
+        problems.append("scaling.cpus_per_worker: CPU workers take every CPU and Ray Data could never schedule "
+                        "its read/preprocess tasks; leave at least 0.1 CPU free (e.g. 0.8 per worker on 2 CPUs)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Optional[list] = None,
+                  datasets: Optional[dict] = None):
+    """A TorchTrainer for one run. Reusing `run_name` under `run.storage_path` resumes that run.
+
+    The worker receives the config as a plain dict (`train_loop_config`); a Tune driver passes a trial's config
+    (e.g. its lr already applied with `config.replace`). Dotted keys at the top level of that dict
+    (``{"optim.lr": 3e-4}``) are applied as overrides in the worker too.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .cluster import runtime_env_vars
+
+    run_name = run_name or cfg.run.name
+    if datasets is None:
+        datasets = build_datasets(cfg)
+    sc = cfg.scaling
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_name": run_name},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=cfg.worker_resources,
+                                     accelerator_type=sc.accelerator_type if sc.use_gpu else None),
+        run_config=RunConfig(
+            name=run_name, storage_path=cfg.run.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": runtime_env_vars(cfg)},
+            callbacks=list(callbacks or [])),
+        datasets=datasets,
+    )
+
+
+def build_datasets(cfg: Config) -> dict:
+    from .pipeline import build_dataset
+
+    datasets = {"train": build_dataset(cfg, "train")}
+    if cfg.data.eval_path or cfg.data.preprocessed:
+        eval_ds = build_dataset(cfg, "eval")
+        if eval_ds is not None:
+            datasets["eval"] = eval_ds
+    return datasets
+
+
+def tensorboard_dir(cfg: Config, run_name: Optional[str] = None) -> str:
+    run_dir = join_uri(cfg.run.storage_path, run_name or cfg.run.name)
+    if is_uri(run_dir):  # TensorBoard writes locally; remote storage gets the Ray checkpoints only
+        return os.path.join(tempfile.gettempdir(), "raytune_minicpmv_tb", run_name or cfg.run.name)
+    return os.path.join(run_dir, "tensorboard")
+
+
+def summarize(cfg: Config, result, wall_s: float) -> dict:
+    m = dict(result.metrics or {})
+    best = [(c.path, cm.get("eval_loss")) for c, cm in (result.best_checkpoints or [])]
+    return {
+        "run_dir": result.path,
+        "steps": int(m.get("step", 0)),
+        "final_loss": m.get("loss"),
+        "final_eval_loss": m.get("eval_loss"),
+        "best_eval_loss": m.get("best_eval_loss"),
+        "tokens_seen": m.get("tokens_seen"),
+        "train_time_s": m.get("train_time_s"),
+        "wall_time_s": wall_s,
+        "mean_tokens_per_s": m.get("mean_tokens_per_s"),
+        "mean_mfu": m.get("mean_mfu"),
+        "peak_gpu_mem_gib": m.get("peak_gpu_mem_gib"),
+        "peak_rss_gib": m.get("peak_rss_gib"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "kept_checkpoints": [p for p, _ in best],
+        "tensorboard": tensorboard_dir(cfg),
+        "error": repr(result.error) if getattr(result, "error", None) else None,
+    }
+
+
+# ==============================================================================================================
+# Worker side
+
+
+def train_fn_per_worker(config_dict: dict) -> None:
+    """Ray Train worker loop: build, (resume,) train `max_steps` optimizer steps, evaluate, report, checkpoint."""
+    import ray.train
+
+    cfg = worker_config(config_dict)
+    run_name = config_dict.get("run_name", cfg.run.name)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    will_fail = _fail_hook_armed(cfg, run_name)
+
+    engine, model = build_engine(cfg)
+    state = TrainState()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = load_checkpoint(engine, d)
+        _log(rank, f"resumed from {resumed.path} at step {state.step}")
+
+    from .pipeline import collate
+
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, collate, state)
+    meter = ThroughputMeter(FlopModel.from_model(model), peak_flops() if cfg.scaling.use_gpu else 0.0, world)
+    trackers = Trackers(cfg.train.report_to, tensorboard_dir(cfg, run_name), run_name, cfg.to_dict()) \
+        if rank == 0 else None
+    window_loss = torch.zeros(2, dtype=torch.float64)  # local (loss_sum, label tokens) since the last report
+    engine.train()
+    while state.step < cfg.train.max_steps:
+        loss_sum, counts, step_s, wait_s = train_step(engine, batches, cfg, world)
+        state.step += 1
+        state.tokens_seen += counts.label_tokens
+        window_loss += torch.tensor([loss_sum, 0.0], dtype=torch.float64)
+        window_loss[1] += counts.label_tokens  # global count: the loss sum is all-reduced at report time only
+        meter.add_step(counts, step_s, wait_s)
+        if will_fail and state.step == cfg.train.fail_at_step:
+            _trigger_failure(cfg, run_name, rank)
+        if _is_report_step(cfg, state.step):
+            report(engine, model, cfg, config_dict, state, meter, window_loss, trackers, rank, world)
+            window_loss.zero_()
+    if trackers:
+        trackers.close()
+
+
+def worker_config(config_dict: dict) -> Config:
+    """The Config inside the worker: the driver's dict plus any dotted top-level overrides (Tune trials)."""
+    import copy
+
+    raw = copy.deepcopy(config_dict["config"])
+    for key, value in config_dict.items():
+        if "." in key:
+            node = raw
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    return config_from_dict(raw, check_paths=False)
+
+
+def build_engine(cfg: Config):
+    """Model (ZeRO-3: materialized partitioned under zero.Init), trainable policy, optimizer, schedule, engine."""
+    fix_cuda_arch_list()
+    import deepspeed
+
+    from .models import apply_trainable_policy, load_model
+
+    torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # wraps Ray's group
+    ds_cfg = build_ds_config(cfg)
+    dtype = torch_dtype(cfg)
+    if cfg.deepspeed.zero_stage == 3:
+        # transformers' loading code partitions while it loads when it sees this config object alive
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - must outlive load_model
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=dtype):
+            model = load_model(cfg.model.path, dtype=dtype)
+    else:
+        model = load_model(cfg.model.path, dtype=dtype)
+    model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
+        optimizer, cfg), config=ds_cfg)
+    return engine, model
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(target, "gradient_checkpointing_enable"):
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # frozen embeddings + non-reentrant checkpointing still need an input that requires grad for LoRA below
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[dict]:
+    """Endless micro-batches of this rank's shard, epoch after epoch, resuming at `state`'s data position.
+
+    Keeps `state.epoch` / `state.batch_in_epoch` current, so a checkpoint records where the data stands.
+    """
+    skip = state.batch_in_epoch
+    while True:
+        n = 0
+        it = shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=True)
+        for batch in it:
+            n += 1
+            if n <= skip:
+                continue  # resume: these were consumed before the checkpoint
+            state.batch_in_epoch = n
+            yield batch
+        if n == 0:
+            raise RuntimeError("the train split yields no micro-batch on this rank: it needs at least "
+                               "num_workers × micro_batch_size rows")
+        skip = 0
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
+    """One optimizer step; returns (local loss sum, global StepCounts, step seconds, data-wait seconds)."""
+    import torch.distributed as dist
+
+    from .models import compute_loss
+
+    with Timer() as step_t:
+        with Timer() as wait_t:
+            micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+        local = StepCounts()
+        for b in micro:
+            local = local + StepCounts.of_batch(b)
+        counts_t = local.as_tensor()
+        dist.all_reduce(counts_t)  # the global token count of this step: the loss denominator
+        counts = StepCounts.from_tensor(counts_t)
+        scale = world / max(counts.label_tokens, 1.0)
+        loss_total = 0.0
+        for b in micro:
+            b = to_device(b, engine.device)
+            logits = engine(b).logits
+            loss_sum, _ = compute_loss(logits, b["labels"])
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            engine.step()
+            loss_total += float(loss_sum.detach())
+    return loss_total, counts, step_t.seconds, wait_t.seconds
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: Config) -> Optional[float]:
+    """Token-weighted eval loss over the eval split (all_reduce of loss sum and token count; no logit gathering).
+
+    Every rank runs the same number of forwards (a ZeRO-3 forward is a collective): before each batch the ranks
+    agree (all_reduce MIN) that all of them still have one.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    from .models import compute_loss
+    from .pipeline import collate
+
+    shard = ray.train.get_dataset_shard("eval")
+    if shard is None:
+        return None
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    it = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=False))
+    n = 0
+    while cfg.train.eval_max_batches is None or n < cfg.train.eval_max_batches:
+        batch = next(it, None)
+        have = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not have.item():
+            break
+        b = to_device(batch, engine.device)
+        loss_sum, n_tok = compute_loss(engine(b).logits, b["labels"])
+        totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
+        n += 1
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def report(engine, model, cfg: Config, config_dict: dict, state: TrainState, meter: ThroughputMeter,
+           window_loss: torch.Tensor, trackers: Optional[Trackers], rank: int, world: int) -> None:
+    """One `ray.train.report` on every rank: metrics, plus eval and checkpoint when due."""
+    import ray.train
+    import torch.distributed as dist
+
+    loss_sum = window_loss[:1].clone()
+    dist.all_reduce(loss_sum)
+    metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch,
+                               "loss": float(loss_sum[0] / max(float(window_loss[1]), 1.0)),
+                               "lr": float(engine.get_lr()[0]), "grad_norm": _grad_norm(engine),
+                               "tokens_seen": state.tokens_seen, **meter.snapshot()}
+    if state.step % cfg.train.eval_steps == 0 or state.step == cfg.train.max_steps:
+        eval_loss = evaluate(engine, cfg)
+        if eval_loss is not None:
+            metrics["eval_loss"] = eval_loss
+            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+                state.best_eval_loss = eval_loss
+    metrics.update(best_eval_loss=state.best_eval_loss, train_time_s=meter.total_train_s,
+                   mean_tokens_per_s=meter.total.real_tokens / max(meter.total_train_s, 1e-9),
+                   mean_mfu=(meter.flop_model.step_flops(meter.total) / max(meter.total_train_s, 1e-9)
+                             / (world * meter.peak)) if meter.peak > 0 else 0.0)
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    if rank == 0:
+        _log(rank, format_log_line(metrics))
+        trackers.log(metrics, state.step)
+    if state.step % cfg.train.save_steps == 0 or state.step == cfg.train.max_steps:
+        with tempfile.TemporaryDirectory(prefix="ckpt_") as tmp:
+            save_checkpoint(engine, model, tmp, state, config_dict["config"], rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_step_{state.step:07d}")
+    else:
+        ray.train.report(metrics)
+
+
+def _is_report_step(cfg: Config, step: int) -> bool:
+    t = cfg.train
+    return step % t.logging_steps == 0 or step % t.eval_steps == 0 or step % t.save_steps == 0 \
+        or step == t.max_steps
+
+
+def _grad_norm(engine) -> float:
+    g = engine.get_global_grad_norm()
+    return float(g) if g is not None else float("nan")
+
+
+def to_device(obj, device):
+    """Move the collate dict (tensors, lists of tensors) to the engine's device."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+# Test hook (train.fail_at_step): raise once, on the first attempt only. The marker lives in the run directory,
+# decided at worker start so that every rank of one attempt agrees.
+def _fail_marker(cfg: Config, run_name: str) -> Optional[str]:
+    run_dir = join_uri(cfg.run.storage_path, run_name)
+    return None if is_uri(run_dir) else os.path.join(run_dir, f".fail_at_step_{cfg.train.fail_at_step}")
+
+
+def _fail_hook_armed(cfg: Config, run_name: str) -> bool:
+    marker = _fail_marker(cfg, run_name) if cfg.train.fail_at_step else None
+    return bool(marker) and not os.path.exists(marker)
+
+
+def _trigger_failure(cfg: Config, run_name: str, rank: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 0:
+        marker = _fail_marker(cfg, run_name)
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        open(marker, "w").close()
+    dist.barrier()  # the marker exists before any rank fails (a failing rank tears the whole group down)
+    raise RuntimeError(f"train.fail_at_step={cfg.train.fail_at_step}: injected failure (test hook)")
