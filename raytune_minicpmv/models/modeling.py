@@ -1,0 +1,145 @@
+"""The native MiniCPM-V model: `vpm` (vision) → `resampler` → features placed into the `llm`'s input embeddings.
+
+    model = MiniCPMV26.from_pretrained(ckpt_dir, dtype=torch.bfloat16)   # or models.load_model(ckpt_dir)
+    out = model(batch)            # batch = pipeline.collate's dict (labels are ignored)
+    out.logits                    # [B, L, vocab] in the model dtype (not upcast; compute_loss upcasts in chunks)
+
+The forward, per batch:
+1. every crop of every sample is zero-padded to the longest and run through `vpm` in chunks of
+   `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`;
+2. the LLM's token embeddings are computed and the crop features are written at the `image_bound` spans
+   OUT OF PLACE (`index_copy`), so frozen embeddings + `enable_input_require_grads` + LoRA work (an in-place scatter
+   on that output is the remote code's "leaf variable used in an in-place operation" error);
+3. a batch with no crops still runs a zero-contribution dummy crop through `vpm` + resampler when training, so every
+   rank touches the vision weights (ZeRO-3 gathers and DDP reductions would otherwise hang);
+4. the LLM runs on `inputs_embeds` with `position_ids`. `attention_mask` is not passed, as in the remote code:
+   padding is on the right and attention is causal, so real tokens never see it, and SDPA keeps its causal kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers import initialization as init
+
+from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
+from .resampler import Resampler, ResamplerAttention, sincos_2d
+from .vision import NavitSiglipVisionTower
+
+DUMMY_TGT = (4, 4)  # patch grid of the zero-contribution crop of text-only training batches
+
+
+class MiniCPMVBase(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    config: MiniCPMVConfig
+    base_model_prefix = "minicpmv"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["Idefics2EncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Resampler"]
+    llm_class: type = Qwen2ForCausalLM
+    legacy_strip_positions = False
+
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        self.llm = self.llm_class(config.llm_config())
+        vcfg = config.vision_config_hf()
+        self.vpm = NavitSiglipVisionTower(vcfg, legacy_strip_positions=self.legacy_strip_positions)
+        self.resampler = Resampler(config.query_num, config.hidden_size, vcfg.hidden_size,
+                                   max_size=(vcfg.image_size // vcfg.patch_size,) * 2)
+        self.post_init()
+
+    # ---- weights init (random-weight builds, and missing keys / non-persistent buffers after from_pretrained)
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Resampler):
+            init.trunc_normal_(module.query, std=0.02)
+            init.normal_(module.proj, std=module.embed_dim ** -0.5)
+            init.copy_(module.pos_embed, sincos_2d(module.embed_dim, *module.max_size))
+        elif isinstance(module, ResamplerAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+
+    # ---- embeddings (PEFT, merge and enable_input_require_grads go through these)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
+    # ---- vision
+    def image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """crops: `[3, 14, N_i*14]` each; tgt_sizes `[n, 2]` → `[n, Q, D]` in the LLM's dtype."""
+        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        width = max(c.shape[-1] for c in crops)
+        pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
+        tgt_sizes = tgt_sizes.to(torch.int32)
+        chunk = max(1, int(self.config.vision_batch_size))
+        feats = []
+        for s in range(0, len(crops), chunk):
+            hidden = self.vpm(pixels[s:s + chunk], tgt_sizes[s:s + chunk])
+            feats.append(self.resampler(hidden, tgt_sizes[s:s + chunk]))
+        return torch.cat(feats).to(self.get_input_embeddings().weight.dtype)
+
+    def _dummy_features(self, device: torch.device) -> torch.Tensor:
+        h, w = DUMMY_TGT
+        p = self.config.patch_size
+        crop = torch.zeros(3, p, h * w * p, device=device)
+        return self.image_features([crop], torch.tensor([[h, w]], device=device))
+
+    # ---- forward
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, tgt_sizes=None,
+                     image_bound=None) -> torch.Tensor:
+        """LLM input embeddings `[B, L, D]` with each crop's Q features at its `image_bound` span."""
+        emb = self.get_input_embeddings()(input_ids)
+        batch, length, dim = emb.shape
+        crops, sizes, positions = [], [], []
+        for i in range(batch):
+            sample_crops = list(pixel_values[i]) if pixel_values is not None else []
+            bounds = image_bound[i] if image_bound is not None else []
+            bounds = torch.as_tensor(bounds, dtype=torch.long).reshape(-1, 2)
+            if len(sample_crops) != len(bounds):
+                raise ValueError(f"sample {i}: {len(sample_crops)} image crops but {len(bounds)} image_bound spans; "
+                                 "the data stage must emit one span per crop")
+            if len(sample_crops) == 0:
+                continue
+            spans = bounds[:, 1] - bounds[:, 0]
+            if bool((spans != self.config.query_num).any()) or int(bounds.max()) > length:
+                raise ValueError(f"sample {i}: image_bound spans {bounds.tolist()} must each hold query_num="
+                                 f"{self.config.query_num} positions inside the sequence (length {length})")
+            crops += sample_crops
+            sizes.append(torch.as_tensor(tgt_sizes[i]).reshape(-1, 2))
+            positions.append(i * length + torch.cat([torch.arange(s, e) for s, e in bounds.tolist()]))
+        if crops:
+            feats = self.image_features(crops, torch.cat(sizes).to(emb.device))
+            index = torch.cat(positions).to(emb.device)
+            emb = emb.reshape(batch * length, dim).index_copy(0, index, feats.reshape(-1, dim)).reshape(emb.shape)
+        elif self.training:
+            emb = emb + self._dummy_features(emb.device).sum() * 0.0
+        return emb
+
+    def forward(self, batch: dict | None = None, **kwargs):
+        """`model(batch)` (the collate dict; `model(**batch)` works too). Returns the LLM output (`.logits`)."""
+        batch = {**(batch or {}), **kwargs}
+        emb = self.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("tgt_sizes"),
+                                batch.get("image_bound"))
+        position_ids = batch.get("position_ids")
+        return self.llm(inputs_embeds=emb, position_ids=None if position_ids is None else position_ids.long(),
+                        use_cache=False)
+
+
+class MiniCPMV26(MiniCPMVBase):
+    config_class = MiniCPMV26Config
+    config: MiniCPMV26Config
+    llm_class = Qwen2ForCausalLM
+
+
+class MiniCPMV25(MiniCPMVBase):
+    config_class = MiniCPMV25Config
+    config: MiniCPMV25Config
+    llm_class = LlamaForCausalLM
+    legacy_strip_positions = True

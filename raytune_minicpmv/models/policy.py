@@ -1,0 +1,121 @@
+"""Which parameters train: an explicit per-part policy (full / lora / frozen), or the official script's preset.
+
+    model = apply_trainable_policy(model, cfg.trainable, cfg.lora)   # may return a peft.PeftModel
+    print(format_parameter_table(model))                             # per-part trainable / total counts
+
+Parts: `vision` (vpm.*), `resampler` (resampler.*), `embed_tokens` (llm.model.embed_tokens), `llm` (every other
+llm.* weight, incl. lm_head). Without any `lora` part the policy only sets `requires_grad`. With one, the model is
+wrapped by PEFT (no task_type, like the official script): LoRA on `lora.target_modules` (LLM) and/or
+`lora.vision_target_modules` (vision), regexes matched with `re.fullmatch` on module names; parts set to `full`
+become PEFT `modules_to_save` (trained copies saved in the adapter), which is the official layout.
+
+Preset `seed_compat` reproduces `finetune.py --use_lora true`: LoRA on `lora.target_modules`, plus trained copies
+of `embed_tokens` and `resampler`, plus `vpm` when `trainable.vision == "full"` (the script's `--tune_vision`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+PARTS = ("vision", "resampler", "embed_tokens", "llm", "lora")
+_PREFIX = re.compile(r"^(base_model\.model\.)")
+
+
+def apply_trainable_policy(model: nn.Module, trainable_cfg, lora_cfg) -> nn.Module:
+    """Freeze / LoRA-wrap `model` per `trainable_cfg` (config.TrainableConfig) and `lora_cfg` (config.LoraConfig)."""
+    parts = _resolve_parts(trainable_cfg)
+    lora_targets = _lora_targets(parts, lora_cfg)
+    if not lora_targets:
+        for name, p in model.named_parameters():
+            p.requires_grad_(parts[part_of(name)] == "full")
+        if parts["embed_tokens"] == "frozen" and parts["llm"] != "frozen":
+            _inputs_require_grads(model)
+        return model
+    if parts["llm"] == "full":
+        raise ValueError("trainable.llm=full with LoRA elsewhere would copy the whole LLM into the adapter; "
+                         "use trainable.llm=lora (or make every part full/frozen without LoRA)")
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = [m for part, m in (("embed_tokens", "embed_tokens"), ("resampler", "resampler"),
+                                         ("vision", "vpm")) if parts[part] == "full"]
+    peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules="|".join(f"(?:{t})" for t in lora_targets), bias="none",
+                          modules_to_save=modules_to_save or None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(model, peft_cfg)
+    if parts["embed_tokens"] == "frozen":
+        # Gradient checkpointing (reentrant) drops grads of blocks whose inputs don't require grad.
+        _inputs_require_grads(peft_model.get_base_model())
+    return peft_model
+
+
+def _resolve_parts(t) -> dict[str, str]:
+    if t.preset == "seed_compat":
+        return {"vision": "full" if t.vision == "full" else "frozen", "resampler": "full", "embed_tokens": "full",
+                "llm": "lora"}
+    if t.preset is not None:
+        raise ValueError(f"trainable.preset={t.preset!r}: only 'seed_compat' exists")
+    return {"vision": t.vision, "resampler": t.resampler, "embed_tokens": t.embed_tokens, "llm": t.llm}
+
+
+def _lora_targets(parts: dict[str, str], lora_cfg) -> list[str]:
+    return [rx for part, rx in (("llm", lora_cfg.target_modules), ("vision", lora_cfg.vision_target_modules))
+            if parts[part] == "lora"]
+
+
+def _inputs_require_grads(model: nn.Module) -> None:
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def part_of(name: str) -> str:
+    """The policy part of a parameter name (plain, or PEFT-wrapped)."""
+    name = _PREFIX.sub("", name)
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vpm."):
+        return "vision"
+    if name.startswith("resampler."):
+        return "resampler"
+    if ".embed_tokens." in name or name.startswith("embed_tokens."):
+        return "embed_tokens"
+    return "llm"
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions params; ds_numel is the full size
+
+
+def trainable_parameter_counts(model: nn.Module, trainable_only: bool = True) -> dict[str, int]:
+    """`{part: count}` for PARTS plus `total`; ZeRO-3 aware. PEFT's frozen originals are counted as frozen."""
+    counts = {p: 0 for p in PARTS}
+    for name, p in model.named_parameters():
+        if p.requires_grad or not trainable_only:
+            counts[part_of(name)] += _numel(p)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_parameter_table(model: nn.Module) -> str:
+    """A printable per-part table of trainable and total parameters."""
+    trained, total = trainable_parameter_counts(model), trainable_parameter_counts(model, trainable_only=False)
+    lines = [f"{'part':<14}{'trainable':>16}{'total':>16}{'%':>8}"]
+    for part in (*PARTS, "total"):
+        pct = 100.0 * trained[part] / total[part] if total[part] else 0.0
+        lines.append(f"{part:<14}{trained[part]:>16,}{total[part]:>16,}{pct:>7.2f}%")
+    return "\n".join(lines)
+
+
+def enable_gradient_checkpointing(model: nn.Module, base: Optional[nn.Module] = None) -> None:
+    """Non-reentrant activation checkpointing in both towers (vision encoder layers and LLM decoder layers)."""
+    base = base or (model.get_base_model() if hasattr(model, "get_base_model") else model)
+    fn = getattr(base, "activation_checkpointing_enable", None)
+    kwargs = {"use_reentrant": False}
+    if fn is not None:
+        fn(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

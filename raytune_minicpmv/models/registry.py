@@ -1,0 +1,148 @@
+"""Model families by name, family detection from a checkpoint, and the strict loader.
+
+    from raytune_minicpmv.models import get_family, load_model
+    fam = get_family("minicpmv2_6")            # or get_family("/path/to/ckpt") (reads config.json)
+    model = load_model("/path/to/ckpt", dtype=torch.bfloat16)
+
+`load_model` reads `config.json` itself, so a real MiniCPM-V checkpoint (`model_type: minicpmv` + `auto_map` to
+remote code) loads into our native class WITHOUT `trust_remote_code`; weights come through transformers'
+`from_pretrained` (sharded safetensors with `model.safetensors.index.json`, or `pytorch_model*.bin`), and any
+missing/unexpected/mis-shaped key is one error listing them all. A checkpoint of a family we do not implement loads
+through its own remote code only when `trust_remote_code=True` (off by default), with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
+from .modeling import MiniCPMV25, MiniCPMV26, MiniCPMVBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    version: str  # the `version` field of the remote-code config.json
+    llm_type: str  # chat template family used by the data stage
+    config_class: Optional[type] = None
+    model_class: Optional[type] = None
+    blocked: Optional[str] = None  # why the family cannot be built natively (None: supported)
+
+    def check_supported(self) -> None:
+        if self.blocked:
+            raise NotImplementedError(f"model family {self.name}: {self.blocked}")
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "minicpmv2_6": ModelFamily("minicpmv2_6", "2.6", "qwen2", MiniCPMV26Config, MiniCPMV26),
+    "minicpmv2_5": ModelFamily("minicpmv2_5", "2.5", "llama3", MiniCPMV25Config, MiniCPMV25),
+    "minicpmv2_0": ModelFamily(
+        "minicpmv2_0", "2.0", "minicpm",
+        blocked="not implemented natively: its vision tower is a timm ViT (`vpm.blocks.*`, `vpm.pos_embed`; timm is "
+                "not a dependency) and its LLM is MiniCPM-2.4B (muP `scale_emb`/`scale_depth`), which transformers "
+                "does not ship; load it with model.trust_remote_code=true (needs timm and transformers<4.42)"),
+}
+
+for _fam in FAMILIES.values():
+    if _fam.config_class is not None:
+        AutoConfig.register(_fam.config_class.model_type, _fam.config_class, exist_ok=True)
+        AutoModel.register(_fam.config_class, _fam.model_class, exist_ok=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as asked (one message with every problem)."""
+
+
+def read_config_json(path: str | Path) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    return json.loads(cfg_path.read_text())
+
+
+def detect_family(raw: dict) -> Optional[str]:
+    """Family name for a config.json dict, or None when it is not a MiniCPM-V 2.x we know."""
+    for fam in FAMILIES.values():
+        if fam.config_class is not None and raw.get("model_type") == fam.config_class.model_type:
+            return fam.name
+    if raw.get("model_type") != "minicpmv":
+        return None
+    version = str(raw.get("version", "")).strip()
+    for fam in FAMILIES.values():
+        if version == fam.version:
+            return fam.name
+    if not version and raw.get("hidden_size") == 2304 and raw.get("query_num", 64) == 64:
+        return "minicpmv2_0"  # vLLM's rule: 2.0 has no version field
+    return None
+
+
+def get_family(name_or_path: str | Path) -> ModelFamily:
+    """A family by registry name, or the family of a checkpoint directory."""
+    key = str(name_or_path)
+    if key in FAMILIES:
+        return FAMILIES[key]
+    if Path(key).is_dir():
+        raw = read_config_json(key)
+        name = detect_family(raw)
+        if name is None:
+            raise CheckpointError(f"{key}: config.json (model_type={raw.get('model_type')!r}, "
+                                  f"version={raw.get('version')!r}) is not a MiniCPM-V family we implement "
+                                  f"({', '.join(FAMILIES)})")
+        return FAMILIES[name]
+    raise KeyError(f"unknown model family {key!r}: expected one of {', '.join(FAMILIES)} or a checkpoint directory")
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Load a checkpoint directory into the native model of its family (strict about keys)."""
+    dtype = _as_dtype(dtype)
+    raw = read_config_json(path)
+    name = detect_family(raw)
+    if name is None or FAMILIES[name].blocked:
+        return _load_remote_code(path, raw, name, dtype, trust_remote_code)
+    family = FAMILIES[name]
+    config = family.config_class.from_checkpoint_dict(raw)
+    model, info = family.model_class.from_pretrained(
+        str(path), config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True)
+    problems = [f"{kind}: {', '.join(sorted(keys))}" for kind, keys in
+                (("missing keys", info.get("missing_keys")), ("unexpected keys", info.get("unexpected_keys")),
+                 ("mismatched shapes", [str(k) for k in info.get("mismatched_keys") or []])) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not match {family.name} (config.json says "
+                              f"{config.vision_layers} vision layers, {config.num_hidden_layers} LLM layers):\n  "
+                              + "\n  ".join(problems))
+    return model
+
+
+def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, trust_remote_code: bool):
+    what = f"family {name}: {FAMILIES[name].blocked}" if name else \
+        f"model_type={raw.get('model_type')!r} version={raw.get('version')!r} is not a family we implement"
+    if not trust_remote_code:
+        raise CheckpointError(f"{path}: {what}. Set model.trust_remote_code=true to run the checkpoint's own "
+                              "Python code (only for checkpoints you trust)")
+    log.warning("%s: %s; loading it with trust_remote_code=True (its own Python code runs; checkpoint keys and "
+                "the batch contract are not checked by raytune_minicpmv)", path, what)
+    return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def is_native(model: torch.nn.Module) -> bool:
+    return isinstance(model, MiniCPMVBase)
+
+
+__all__ = ["FAMILIES", "ModelFamily", "CheckpointError", "MiniCPMVConfig", "get_family", "load_model",
+           "detect_family", "read_config_json", "is_native"]

@@ -1,0 +1,89 @@
+"""The resampler: Q learned queries cross-attend to one crop's vision features → `[Q, D]` LLM-space tokens.
+
+State-dict names match the remote code (`query`, `kv_proj`, `attn.in_proj_{weight,bias}`, `attn.out_proj.*`,
+`ln_q`, `ln_kv`, `ln_post`, `proj`). Keys get a 2D sin-cos position embedding of the crop's (h, w) patch grid
+(MAE recipe); queries get none (2.5+). The sin-cos table is a non-persistent buffer (not in checkpoints), grown on
+demand when a crop grid exceeds it.
+
+`ResamplerAttention` is `nn.MultiheadAttention` math (same parameters) on SDPA, with the output projection *called
+as a module*: ZeRO-3 only gathers a submodule's weights when that submodule runs, and stock MultiheadAttention
+reads `out_proj.weight` directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """`[height, width, dim]` float32: `[i, j] = concat(sincos_1d(j), sincos_1d(i))` (MAE; first half = column)."""
+    def one_d(d: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1, 1).double() * omega[None, :]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    emb = torch.cat([one_d(dim // 2, cols), one_d(dim // 2, rows)], dim=1)
+    return emb.reshape(height, width, dim).float()
+
+
+class ResamplerAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """query `[B, Q, D]`, key/value `[B, N, D]`, key_padding_mask `[B, N]` True = padding → `[B, Q, D]`."""
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        b, n_q, dim = query.shape
+        heads = lambda x: x.reshape(b, x.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(F.linear(query, wq, bq)), heads(F.linear(key, wk, bk)), heads(F.linear(value, wv, bv))
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n_q, dim))
+
+
+class Resampler(nn.Module):
+    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, max_size: tuple[int, int] = (70, 70)):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.attn = ResamplerAttention(embed_dim, max(1, embed_dim // 128))
+        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, embed_dim))
+        self.max_size = tuple(max_size)
+        self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.max_size), persistent=False)
+
+    def reset_pos_embed(self, height: int, width: int) -> None:
+        device = self.pos_embed.device if self.pos_embed.device.type != "meta" else torch.device("cpu")
+        self.max_size = (height, width)
+        self.pos_embed = sincos_2d(self.embed_dim, height, width).to(device)
+
+    def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """x `[B, Nmax, kv_dim]` (padded patches), tgt_sizes `[B, 2]` → `[B, Q, D]`."""
+        b, n_max = x.shape[:2]
+        sizes = tgt_sizes.tolist()
+        max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
+        if max_h > self.max_size[0] or max_w > self.max_size[1]:
+            self.reset_pos_embed(max(max_h, self.max_size[0]), max(max_w, self.max_size[1]))
+        pos_table = self.pos_embed.to(device=x.device)
+        padding = torch.ones(b, n_max, dtype=torch.bool, device=x.device)
+        rows = []
+        for i, (h, w) in enumerate(sizes):
+            rows.append(F.pad(pos_table[:h, :w].reshape(h * w, -1), (0, 0, 0, n_max - h * w)))
+            padding[i, : h * w] = False
+        pos = torch.stack(rows).to(x.dtype)
+
+        x = self.ln_kv(self.kv_proj(x))
+        q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
+        out = self.attn(q, x + pos, x, padding if bool(padding.any()) else None)
+        return self.ln_post(out) @ self.proj
