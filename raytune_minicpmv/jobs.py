@@ -52,9 +52,9 @@ def cli(args) -> int:
     from ray.exceptions import AuthenticationError
 
     try:
-        client = make_client(resolve_address(args.address))
         if args.command == "submit":
-            return _submit_cmd(client, args)
+            return _submit_cmd(args)
+        client = make_client(resolve_address(args.address))
         if args.command == "status":
             print(json.dumps(job_status(client, args.job_id), indent=2))
             return 0
@@ -78,11 +78,12 @@ def cli(args) -> int:
     raise AssertionError(args.command)
 
 
-def _submit_cmd(client, args) -> int:
+def _submit_cmd(args) -> int:
     entrypoint = _strip_separator(args.entrypoint)
     working_dir = Path(args.working_dir).resolve()
-    check_entrypoint(entrypoint, working_dir)
+    check_entrypoint(entrypoint, working_dir)  # before any upload or connection
     runtime_env = build_runtime_env(working_dir, args.env)
+    client = make_client(resolve_address(args.address))
     resources = entrypoint_resources(client.get_address())
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
                                submission_id=args.submission_id, entrypoint_resources=resources or None)
