@@ -1,0 +1,153 @@
+"""Check a merged checkpoint against the adapter it came from: same logits on real samples, within `merge.verify_atol`.
+
+    from raytune_minicpmv.merge_verify import verify_merged
+    verify_merged(base_dir, adapter_dir, merged_dir, merge_cfg)   # -> {"max_abs_diff": ..}, or raises
+
+Reference: the base checkpoint loaded in the merge dtype with the adapter applied the way users apply it
+(`peft.PeftModel.from_pretrained`, plus the old `vpm_resampler_embedtokens.pt` / a `full_model/` dir loaded into the
+base). Candidate: the merged directory loaded from disk by the same loader. MiniCPM-V checkpoints load with the package's
+`load_model` and run on a few records of the sample dataset (images + multi-turn text, sliced and tokenized by the
+data stage with the merged directory's own tokenizer and preprocessor config); other causal LMs load with transformers
+and run on tokenized text. One model is in memory at a time.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MergeConfig
+from .lora_adapter import OLD_SIDE_FILE, read_adapter
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
+          "A merged checkpoint must reproduce the adapter model: 3 + 4 = 7, and red circles are round.",
+          "Describe the image in one sentence, then list the colours you see."]
+
+
+class MergeVerificationError(RuntimeError):
+    """The merged model's logits differ from the adapter-on-base model's by more than `merge.verify_atol`."""
+
+
+def verify_merged(base_dir, adapter_dir, merged_dir, merge_cfg: MergeConfig) -> dict:
+    dtype = _DTYPES[merge_cfg.dtype]
+    device = torch.device("cuda" if merge_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+    native = _is_minicpmv(merged_dir)
+    with tempfile.TemporaryDirectory(prefix="merge-verify-") as scratch:
+        batches = _minicpmv_batches(merged_dir, merge_cfg.verify_samples, Path(scratch)) if native else \
+            _text_batches(merged_dir, merge_cfg.verify_samples)
+        reference = _logits(_adapter_model(base_dir, adapter_dir, dtype, native), batches, device, native)
+        merged = _logits(_load(merged_dir, dtype, native), batches, device, native)
+    diffs = [(r - m).abs().max().item() for r, m in zip(reference, merged)]
+    result = {"samples": len(diffs), "max_abs_diff": max(diffs), "atol": merge_cfg.verify_atol,
+              "logits_absmax": max(r.abs().max().item() for r in reference), "dtype": merge_cfg.dtype}
+    if not max(diffs) <= merge_cfg.verify_atol:  # `not <=` also catches NaN
+        raise MergeVerificationError(
+            f"merged model at {merged_dir} does not reproduce adapter-on-base: max |Δlogits| per sample "
+            f"{[f'{d:.3g}' for d in diffs]} > merge.verify_atol={merge_cfg.verify_atol} (logits up to "
+            f"{result['logits_absmax']:.3g}). A wrong merge (key mapping, scaling) or, for bf16/fp16 on a deep "
+            "model, a tolerance too tight: compare with merge.dtype=fp32 before loosening it.")
+    log.info("merge verification passed: %s", result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def _is_minicpmv(path) -> bool:
+    from .models.registry import detect_family, read_config_json
+
+    return detect_family(read_config_json(path)) is not None
+
+
+def _load(path, dtype: torch.dtype, native: bool) -> torch.nn.Module:
+    if native:
+        from .models import load_model
+
+        return load_model(path, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def _adapter_model(base_dir, adapter_dir, dtype: torch.dtype, native: bool) -> torch.nn.Module:
+    """The base with the adapter applied as users load it (not merged)."""
+    model = _load(base_dir, dtype, native)
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_config.json").is_file():
+        _load_extra_tensors(model, adapter_dir, side_file_only=True)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    _load_extra_tensors(model, adapter_dir, side_file_only=False)  # a full_model/ dir of trained tensors
+    return model
+
+
+def _load_extra_tensors(model: torch.nn.Module, adapter_dir: Path, side_file_only: bool) -> None:
+    """Trained tensors that are not PEFT modules (old side file, full_model/) copied into the base by key."""
+    if side_file_only and not (adapter_dir / OLD_SIDE_FILE).is_file():
+        return
+    adapter = read_adapter(adapter_dir, set(model.state_dict().keys()))
+    state = {key: adapter.tensors.get(store_key) for key, store_key in adapter.replacements.items()
+             if not side_file_only or store_key.startswith("side:")}
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, batches: list, device: torch.device, native: bool) -> list[torch.Tensor]:
+    model.to(device)
+    out = []
+    for batch in batches:
+        if native:
+            batch = _to_device(batch, device)
+            out.append(model(batch).logits.float().cpu())
+        else:
+            out.append(model(input_ids=batch.to(device)).logits.float().cpu())
+    del model
+    gc.collect()  # the next model is loaded right after; do not hold two
+    return out
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Samples
+
+
+def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
+    """Tokenized sentences (the checkpoint's tokenizer), or fixed-seed token ids when it ships none."""
+    import json
+
+    vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
+    if (Path(model_dir) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        ids = [tok(_TEXTS[i % len(_TEXTS)])["input_ids"] for i in range(n)]
+        if all(ids) and max(max(x) for x in ids) < vocab:
+            return [torch.tensor([x]) for x in ids]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, 24), generator=g) for _ in range(n)]
+
+
+def _minicpmv_batches(model_dir, n: int, scratch: Path) -> list[dict]:
+    """One collated batch per record of the sample dataset (real images, slicing, chat template)."""
+    from .pipeline import preprocess_for_check
+    from .sample_data import write_sample_dataset
+
+    records = write_sample_dataset(scratch / "data", split="eval")
+    return [preprocess_for_check(model_dir, records, index=i) for i in range(n)]
