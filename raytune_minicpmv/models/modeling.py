@@ -58,7 +58,10 @@ class MiniCPMVBase(PreTrainedModel):
             init.normal_(module.proj, std=module.embed_dim ** -0.5)
             init.copy_(module.pos_embed, sincos_2d(module.embed_dim, *module.max_size))
         elif isinstance(module, ResamplerAttention):
-            init.xavier_uniform_(module.in_proj_weight)
+            # xavier-uniform bound of the [3D, D] matrix, written shape-free (ZeRO-3 partitions are 1-D)
+            dim = module.out_proj.in_features
+            bound = (6.0 / (dim + 3 * dim)) ** 0.5
+            init.uniform_(module.in_proj_weight, -bound, bound)
             init.zeros_(module.in_proj_bias)
 
     # ---- embeddings (PEFT, merge and enable_input_require_grads go through these)
