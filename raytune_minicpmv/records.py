@@ -1,0 +1,232 @@
+"""Records in the MiniCPM-V fine-tune format: reading (JSON array, JSONL, Parquet) and validation (no Ray).
+
+    from raytune_minicpmv.records import read_raw_records, parse_record, BadRecord
+    for raw in read_raw_records("data/train.jsonl"):        # RawRecord(source, index, text)
+        rec = parse_record(raw)                             # Record, or raises BadRecord(file, id, reason, detail)
+
+A record: ``{"id": str, "image": str | {"<image_00>": path, ...} (optional), "conversations": [{"role":
+"user"|"assistant", "content": str}, ...], "system": str (optional)}``. Image paths are absolute or relative to the
+data file's directory. Every problem raises `BadRecord` naming the file, the record id (or its position when the id
+is unknown) and a reason code from `REASONS`, which the run report counts.
+
+Checks made here (cheap, no image decoding): JSON syntax, the schema, roles user/assistant alternating and starting
+with user and ending with assistant, non-empty assistant turns, image tags (`<image>` only in the first user turn
+and only for a single image; every `<image_NN>` tag has a dict entry and every entry is used exactly once), no
+reserved marker strings in the text (they would corrupt the image spans), image files present.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+IMAGE_TAG = "<image>"
+MULTI_TAG_RE = re.compile(r"<image_\d+>")
+# Marker strings a user text must not contain: the tokenizer would turn them into the special tokens that delimit
+# image placeholders, and the image spans (image_bound) would be wrong.
+RESERVED = ("</image>", "<slice>", "</slice>", "<image_id>", "</image_id>", "<unk>")
+
+REASONS = {
+    "malformed_json": "the record is not valid JSON",
+    "bad_schema": "a field is missing or has the wrong type",
+    "bad_roles": "roles must alternate user/assistant, start with user and end with assistant",
+    "empty_content": "an assistant turn is empty",
+    "image_tag_mismatch": "image tags in the text do not match the record's images",
+    "image_tag_later_turn": "a literal <image> tag outside the first user turn",
+    "reserved_marker": "the text contains a reserved marker string",
+    "image_missing": "an image file does not exist",
+    "image_unreadable": "an image file is not a readable image",
+    "image_tokens_too_long": "the image placeholders alone exceed data.model_max_length",
+    "no_trainable_tokens": "no assistant token is left after truncation",
+}
+
+
+class BadRecord(ValueError):
+    """One bad record: `file`, `record_id`, `reason` (a REASONS key) and a human `detail`."""
+
+    def __init__(self, file: str, record_id: str, reason: str, detail: str):
+        assert reason in REASONS, reason
+        self.file, self.record_id, self.reason, self.detail = file, record_id, reason, detail
+        super().__init__(f"{file}: record {record_id}: {reason}: {detail}")
+
+    def __reduce__(self):  # picklable across Ray processes
+        return BadRecord, (self.file, self.record_id, self.reason, self.detail)
+
+
+class BadDataError(ValueError):
+    """Several bad records at once (on_bad_record=error lists every problem found by the driver's checks)."""
+
+    def __init__(self, bad: list[BadRecord], limit: int = 20):
+        self.bad = bad
+        lines = [str(b) for b in bad[:limit]] + ([f"... and {len(bad) - limit} more"] if len(bad) > limit else [])
+        super().__init__(f"{len(bad)} bad record(s) (set data.on_bad_record=skip to drop them):\n  "
+                         + "\n  ".join(lines))
+
+    def __reduce__(self):
+        return BadDataError, (self.bad,)
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    source: str  # data file
+    index: int  # position in the file (0-based)
+    text: str  # the record as JSON text, or "" with `error` set when the line could not be read as JSON
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    source: str
+    conversations: list[dict]
+    images: dict[str, str] = field(default_factory=dict)  # tag -> absolute path, in TEXT order of the tags
+    system: Optional[str] = None
+
+
+def read_raw_records(path: str | os.PathLike) -> Iterator[RawRecord]:
+    """Yield the records of a .json (array), .jsonl or .parquet file as JSON text with their position."""
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield RawRecord(path, i, json.dumps(_drop_nulls(row), ensure_ascii=False))
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    yield _checked(path, i, line)
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:  # one document: nothing in it is usable
+            raise BadRecord(path, "?", "malformed_json", f"the file is not valid JSON ({e})") from None
+        if not isinstance(items, list):
+            raise BadRecord(path, "?", "bad_schema", "a .json data file must hold a JSON array of records "
+                                                     "(use .jsonl for one record per line)")
+        for i, item in enumerate(items):
+            yield RawRecord(path, i, json.dumps(item, ensure_ascii=False))
+
+
+def _checked(path: str, index: int, line: str) -> RawRecord:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        return RawRecord(path, index, "", f"line {index + 1} is not valid JSON ({e})")
+    return RawRecord(path, index, line)
+
+
+def _drop_nulls(row):
+    # Parquet gives every row every column (missing values as None); treat None like an absent key.
+    if isinstance(row, dict):
+        return {k: _drop_nulls(v) for k, v in row.items() if v is not None}
+    if isinstance(row, list):
+        return [_drop_nulls(v) for v in row]
+    return row
+
+
+def record_label(raw: RawRecord, data: object = None) -> str:
+    """How errors name a record: its id when it has one, else its position in the file."""
+    if isinstance(data, dict) and isinstance(data.get("id"), (str, int)) and str(data.get("id")):
+        return repr(str(data["id"]))
+    return f"#{raw.index} (no id)"
+
+
+def parse_record(raw: RawRecord, check_files: bool = True) -> Record:
+    """Validate one raw record and return a Record with absolute image paths in text order."""
+    if raw.error:
+        raise BadRecord(raw.source, f"#{raw.index} (no id)", "malformed_json", raw.error)
+    data = json.loads(raw.text)
+    rid = record_label(raw, data)
+
+    def bad(reason: str, detail: str) -> BadRecord:
+        return BadRecord(raw.source, rid, reason, detail)
+
+    if not isinstance(data, dict):
+        raise bad("bad_schema", f"a record must be a JSON object, got {type(data).__name__}")
+    if "id" not in data:
+        raise bad("bad_schema", "missing 'id'")
+    conv = data.get("conversations")
+    if conv is None:
+        raise bad("bad_schema", "missing 'conversations'")
+    if not isinstance(conv, list) or not all(isinstance(m, dict) for m in conv):
+        raise bad("bad_schema", "'conversations' must be a list of {role, content} objects")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise bad("bad_schema", "'system' must be a string")
+    _check_roles(conv, bad)
+    images = _check_images(data.get("image"), conv, raw.source, bad, check_files)
+    return Record(id=str(data["id"]), source=raw.source, conversations=[dict(m) for m in conv], images=images,
+                  system=system)
+
+
+def _check_roles(conv: list[dict], bad) -> None:
+    if len(conv) < 2:
+        raise bad("bad_roles", f"need at least one user and one assistant turn, got {len(conv)} message(s)")
+    for i, m in enumerate(conv):
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(content, str):
+            raise bad("bad_schema", f"conversations[{i}].content must be a string")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise bad("bad_roles", f"conversations[{i}].role is {role!r}, expected {expected!r} "
+                                   "(user and assistant must alternate, starting with user)")
+        if role == "assistant" and not content.strip():
+            raise bad("empty_content", f"conversations[{i}] (assistant) is empty")
+        for marker in RESERVED:
+            if marker in content:
+                raise bad("reserved_marker", f"conversations[{i}] contains {marker!r}")
+    if conv[-1].get("role") != "assistant":
+        raise bad("bad_roles", "the last message must be from the assistant (nothing would be trained after it)")
+    for i, m in enumerate(conv[1:], start=1):
+        if IMAGE_TAG in m["content"]:
+            raise bad("image_tag_later_turn", f"conversations[{i}] contains a literal <image>; a single image's tag "
+                                              "belongs in the first user message (use <image_NN> tags for images "
+                                              "in later turns)")
+
+
+def _check_images(image, conv: list[dict], source: str, bad, check_files: bool) -> dict[str, str]:
+    texts = [m["content"] for m in conv]
+    tags_in_text = [t for text in texts for t in MULTI_TAG_RE.findall(text)]
+    n_plain = sum(text.count(IMAGE_TAG) for text in texts)
+    if image is None:
+        if tags_in_text or n_plain:
+            raise bad("image_tag_mismatch", "the text has image tags but the record has no 'image'")
+        return {}
+    if isinstance(image, str):
+        if tags_in_text:
+            raise bad("image_tag_mismatch", f"tag {tags_in_text[0]} needs an 'image' dict; a single 'image' path "
+                                            "goes with <image> (or no tag)")
+        if n_plain > 1:
+            raise bad("image_tag_mismatch", f"<image> appears {n_plain} times for one image")
+        ordered = {IMAGE_TAG: image}
+    elif isinstance(image, dict) and image:
+        if n_plain:
+            raise bad("image_tag_mismatch", "literal <image> with an 'image' dict; use its <image_NN> tags")
+        for key, value in image.items():
+            if not MULTI_TAG_RE.fullmatch(key) or not isinstance(value, str):
+                raise bad("bad_schema", f"'image' dict entries must be \"<image_NN>\": path, got {key!r}")
+        for tag in tags_in_text:
+            if tag not in image:
+                raise bad("image_tag_mismatch", f"tag {tag} in the text has no entry in 'image'")
+        unused = [k for k in image if k not in tags_in_text]
+        if unused:
+            raise bad("image_tag_mismatch", f"'image' entry {unused[0]} is never referenced in the text")
+        repeated = sorted({t for t in tags_in_text if tags_in_text.count(t) > 1})
+        if repeated:
+            raise bad("image_tag_mismatch", f"tag {repeated[0]} appears more than once")
+        ordered = {tag: image[tag] for tag in tags_in_text}  # text order decides crop order and image ids
+    else:
+        raise bad("bad_schema", "'image' must be a path string or a non-empty {\"<image_NN>\": path} dict")
+    base = os.path.dirname(os.path.abspath(source))
+    resolved = {tag: p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for tag, p in ordered.items()}
+    if check_files:
+        for tag, p in resolved.items():
+            if not os.path.isfile(p):
+                raise bad("image_missing", f"{tag} -> {p} does not exist")
+    return resolved
