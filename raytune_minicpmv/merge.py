@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     copy_non_weight_files(base_dir, tmp, merge_cfg.dtype)
     verification = verify(base_dir, adapter_dir, tmp, merge_cfg)
     write_manifest(tmp, {**inputs, "verification": verification, "seconds": round(time.time() - t0, 1),
-                         "versions": _versions()})
+                         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions()})
     publish(tmp, out_dir)
     log.info("merge: wrote %s in %.1f s", out_dir, time.time() - t0)
     return out_dir
