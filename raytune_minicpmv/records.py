@@ -94,7 +94,10 @@ def read_raw_records(path: str | os.PathLike) -> Iterator[RawRecord]:
         import pyarrow.parquet as pq
 
         for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield RawRecord(path, i, json.dumps(_drop_nulls(row), ensure_ascii=False))
+            row = _drop_nulls(row)
+            if "image" in row:
+                row["image"] = _parquet_image(row["image"])
+            yield RawRecord(path, i, json.dumps(row, ensure_ascii=False))
     elif suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f):
@@ -119,6 +122,19 @@ def _checked(path: str, index: int, line: str) -> RawRecord:
     except json.JSONDecodeError as e:
         return RawRecord(path, index, "", f"line {index + 1} is not valid JSON ({e})")
     return RawRecord(path, index, line)
+
+
+def _parquet_image(value):
+    # A Parquet column has one type: multi-image records store a map<string, string> column (read back as a list
+    # of (tag, path) pairs) or a JSON object string; single-image records a plain path string.
+    if isinstance(value, list) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+        return {k: v for k, v in value}
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def _drop_nulls(row):

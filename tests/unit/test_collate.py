@@ -1,0 +1,57 @@
+"""rows -> Arrow -> collate: the model batch of docs/ARCHITECTURE.md (shapes, padding, per-sample lists)."""
+import numpy as np
+import pytest
+import torch
+
+from raytune_minicpmv.pipeline import Collate
+from raytune_minicpmv.records import read_raw_records
+from raytune_minicpmv.rows import ROW_SCHEMA, preprocess_records, rows_to_table, table_to_numpy
+from raytune_minicpmv.sample_data import write_sample_dataset
+from raytune_minicpmv.slicing import normalize, pack_crop, plan_slices, slice_image
+from raytune_minicpmv.images import load_rgb
+from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
+from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def rows_table(tmp_path_factory):
+    root = tmp_path_factory.mktemp("c")
+    tok = TokenizerInfo.load(build_tiny_tokenizer(root / "tok"))
+    raws = list(read_raw_records(write_sample_dataset(root / "data")))
+    spec = ModelSpec("qwen2", max_slice_nums=9)
+    return raws, rows_to_table(preprocess_records(raws, spec, tok, 2048), spec.patch_size)
+
+
+def test_table_schema_and_batch(rows_table):
+    raws, table = rows_table
+    assert table.schema == ROW_SCHEMA and table.num_rows == 20
+    idx = [2, 3, 4]  # multi-image, sliced multi-turn, text-only
+    batch = Collate()(table_to_numpy(table.take(idx)))
+    lengths = [table.column("num_tokens")[i].as_py() for i in idx]
+    L = max(lengths)
+    for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+        assert batch[key].shape == (3, L) and batch[key].dtype == torch.long
+    for b, n in enumerate(lengths):
+        assert batch["attention_mask"][b].sum() == n
+        assert (batch["input_ids"][b, n:] == 0).all() and (batch["labels"][b, n:] == -100).all()
+        assert batch["position_ids"][b, :n].tolist() == list(range(n)) and (batch["position_ids"][b, n:] == 0).all()
+    assert [len(p) for p in batch["pixel_values"]] == [2, 3, 0]  # per sample, per crop; text-only: empty
+    assert [tuple(t.shape) for t in batch["tgt_sizes"]] == [(2, 2), (3, 2), (0, 2)]
+    assert batch["tgt_sizes"][0].dtype == torch.int32 and batch["image_bound"][0].dtype == torch.long
+    for pv, tgt, bound in zip(batch["pixel_values"], batch["tgt_sizes"], batch["image_bound"]):
+        assert len(bound) == len(tgt) == len(pv)
+        for crop, (h, w) in zip(pv, tgt.tolist()):
+            assert crop.shape == (3, 14, h * w * 14) and crop.dtype == torch.float32
+
+
+def test_pixels_equal_direct_slicing(rows_table):
+    raws, table = rows_table
+    batch = Collate()(table_to_numpy(table.take([3])))
+    import json
+    from raytune_minicpmv.records import parse_record
+    rec = parse_record(raws[3])
+    img = load_rgb(next(iter(rec.images.values())))
+    crops = slice_image(img, plan_slices(img.size, 9))
+    assert len(crops) == len(batch["pixel_values"][0])
+    for got, crop in zip(batch["pixel_values"][0], crops):
+        assert torch.equal(got, torch.from_numpy(normalize(pack_crop(np.asarray(crop)))))

@@ -1,0 +1,154 @@
+"""Placeholders, chat templates, pre-shifted assistant-only labels, image bounds and truncation per llm_type.
+Uses the real MiniCPM-V 2.6 tokenizer (tests/assets) for real ids and the tiny tokenizer for llama3/minicpm."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raytune_minicpmv.records import BadRecord, Record
+from raytune_minicpmv.slicing import plan_slices
+from raytune_minicpmv.templates import (ModelSpec, TokenizerInfo, build_messages, image_placeholder,
+                                        model_spec_from_config, tokenize_record)
+from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+QWEN = ModelSpec("qwen2")
+
+
+@pytest.fixture(scope="module")
+def real26():
+    return TokenizerInfo.load(ASSETS / "minicpmv26_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return {t: TokenizerInfo.load(build_tiny_tokenizer(tmp_path_factory.mktemp(t), t))
+            for t in ("llama3", "minicpm")}
+
+
+def _rec(conv, images=None, system=None):
+    return Record("r1", "/data/train.json", conv, images or {}, system)
+
+
+def _count(tok, text):
+    return len(tok.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_placeholder_token_counts_from_the_facts(real26):
+    grid = plan_slices((1344, 1344)).grid
+    assert _count(real26, image_placeholder(QWEN, grid, 0)) == 665  # 3 (id) + 66 + 9*66 + 2 newlines
+    assert _count(real26, image_placeholder(ModelSpec("llama3", query_num=96), grid, 0)) == 984
+    assert image_placeholder(QWEN, None, 3) == "<image_id>3</image_id><image>" + "<unk>" * 64 + "</image>"
+    assert image_placeholder(ModelSpec("llama3", query_num=96), None, 0).count("<unk>") == 96
+
+
+def test_model_spec_from_checkpoint_configs():
+    s25 = model_spec_from_config(ASSETS / "configs/minicpmv25_config", "llama3")
+    assert (s25.query_num, s25.max_slice_nums, s25.scale_resolution, s25.use_image_id) == (96, 9, 448, False)
+    s20 = model_spec_from_config(ASSETS / "configs/minicpmv20_config/config.json", "minicpm", max_slice_nums=4)
+    assert (s20.query_num, s20.max_slice_nums, s20.patch_size) == (64, 4, 14)
+    s26 = model_spec_from_config({"query_num": 64, "slice_config": {"max_slice_nums": 9}, "use_image_id": True},
+                                 "qwen")
+    assert s26.new_schema and s26.use_image_id and s26.llm_type == "qwen2"
+
+
+def test_qwen2_chatml_real_ids_labels_and_bounds(real26):
+    rec = _rec([{"role": "user", "content": "<image>\nWhat is it?"},
+                {"role": "assistant", "content": "A red circle."},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}],
+               {"<image>": "/x.png"})
+    out = tokenize_record(rec, [plan_slices((1024, 768))], QWEN, real26, 2048)
+    ids, labels = out.input_ids.tolist(), out.labels
+    t = real26.tokenizer
+    assert ids[0] == 151644 and t.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert ids.count(151646) == 1 and ids.count(151656) == 4  # <image> once, <slice> per tile (2x2)
+    assert ids.count(151658) == 1  # <image_id>
+    # pre-shifted: labels[t] = ids[t+1] exactly on assistant content + <|im_end|>
+    trained = [i for i in range(len(ids)) if labels[i] != -100]
+    assert all(labels[i] == ids[i + 1] for i in trained)
+    assert t.decode([ids[i + 1] for i in trained]) == "A red circle.<|im_end|>Yes.<|im_end|>"
+    assert [ids[i + 1] for i in trained].count(151645) == 2
+    # one bound per crop, each exactly the 64 <unk> (128244) between its markers, text order
+    assert out.image_bound.shape == (5, 2)
+    for s, e in out.image_bound:
+        assert e - s == 64 and set(ids[s:e]) == {128244}
+        assert ids[s - 1] in (151646, 151656) and ids[e] in (151647, 151657)
+
+
+def test_system_field_replaces_the_default(real26):
+    rec = _rec([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], system="Be brief.")
+    out = tokenize_record(rec, [], QWEN, real26, 256)
+    text = real26.tokenizer.decode(out.input_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "helpful" not in text
+    assert out.image_bound.shape == (0, 2)  # text-only: empty bounds
+
+
+def test_multi_image_text_order_ids_and_single_newline_join(real26):
+    # dict order differs from text order: crops, ids and placeholders follow the TEXT
+    from raytune_minicpmv.records import RawRecord, parse_record
+    raw = RawRecord("/tmp/x.json", 0, json.dumps({"id": "m", "image": {"<image_01>": "/b.png", "<image_00>": "/a.png"},
+                    "conversations": [{"role": "user", "content": "<image_00>\n\n<image_01>  Compare."},
+                                      {"role": "assistant", "content": "Same."}]}))
+    rec = parse_record(raw, check_files=False)
+    assert list(rec.images) == ["<image_00>", "<image_01>"]
+    msgs = build_messages(rec, ["P0", "P1"])
+    assert msgs[0]["content"] == "P0\nP1\nCompare."
+    out = tokenize_record(rec, [plan_slices((100, 100)), plan_slices((100, 100))], QWEN, real26, 1024)
+    text = real26.tokenizer.decode(out.input_ids)
+    assert text.index("<image_id>0</image_id>") < text.index("<image_id>1</image_id>")
+    assert "</image>\n<image_id>1</image_id>" in text  # exactly one newline between images
+
+
+def test_llama3_labels(tiny):
+    tok = tiny["llama3"]
+    spec = ModelSpec("llama3", query_num=96, use_image_id=False)
+    rec = _rec([{"role": "user", "content": "<image> What?"}, {"role": "assistant", "content": "  A dot. "}],
+               {"<image>": "/x.png"})
+    out = tokenize_record(rec, [plan_slices((1344, 1344))], spec, tok, 4096)
+    t = tok.tokenizer
+    ids = out.input_ids.tolist()
+    assert t.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>")
+    trained = [i for i in range(len(ids)) if out.labels[i] != -100]
+    assert t.decode([ids[i + 1] for i in trained]) == "A dot.<|eot_id|>"  # trimmed content + eot
+    assert out.image_bound.shape == (10, 2) and all(e - s == 96 for s, e in out.image_bound)
+
+
+def test_minicpm_labels_learn_eos_after_each_assistant_turn(tiny):
+    tok = tiny["minicpm"]
+    spec = ModelSpec("minicpm", use_image_id=False)
+    rec = _rec([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}])
+    out = tokenize_record(rec, [], spec, tok, 256)
+    t, ids, labels = tok.tokenizer, out.input_ids.tolist(), out.labels.tolist()
+    assert t.decode(ids) == "<用户>Q1<AI>A1<用户>Q2<AI>A2</s>" and t.bos_token_id not in ids
+    targets = [t.decode([l]) for l in labels if l != -100]
+    assert "".join(targets) == "A1</s>A2</s>"  # intermediate turn ends with eos too
+
+
+def test_truncation_never_cuts_inside_an_image(real26):
+    rec = _rec([{"role": "user", "content": "Look " * 100 + "<image_00> and <image_01>"},
+                {"role": "assistant", "content": "ok " * 5}],
+               {"<image_00>": "/a.png", "<image_01>": "/b.png"})
+    plans = [plan_slices((200, 200)), plan_slices((200, 200))]
+    full = tokenize_record(rec, plans, QWEN, real26, 4096)
+    cut = int(full.image_bound[1][0]) + 10  # inside the second placeholder
+    with pytest.raises(BadRecord, match=r"/data/train.json: record 'r1': no_trainable_tokens"):
+        tokenize_record(rec, plans, QWEN, real26, cut)
+    # the text before the second image survives; the second image is dropped with its crop
+    rec2 = _rec([{"role": "user", "content": "<image_00>"}, {"role": "assistant", "content": "first " * 60},
+                 {"role": "user", "content": "<image_01>"}, {"role": "assistant", "content": "second"}],
+                {"<image_00>": "/a.png", "<image_01>": "/b.png"})
+    full2 = tokenize_record(rec2, plans, QWEN, real26, 4096)
+    cut2 = int(full2.image_bound[1][0]) + 10
+    out = tokenize_record(rec2, plans, QWEN, real26, cut2)
+    assert out.kept_images == 1 and out.image_bound.shape == (1, 2)
+    assert real26.tokenizer.convert_ids_to_tokens(int(out.input_ids[-1])) != "<unk>"
+    assert len(out.input_ids) < cut2 and np.any(out.labels != -100)
+
+
+def test_image_tokens_alone_too_long(real26):
+    rec = _rec([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "ok"}],
+               {"<image>": "/a.png"})
+    with pytest.raises(BadRecord, match=r"record 'r1': image_tokens_too_long: .*665 tokens > .*=600"):
+        tokenize_record(rec, [plan_slices((1344, 1344))], QWEN, real26, 600)
