@@ -170,3 +170,14 @@ def test_compute_loss_equals_shifted_hf_loss_and_chunking_is_exact(monkeypatch):
     (grad_chunked,) = torch.autograd.grad(chunked, logits)
     torch.testing.assert_close(chunked, expected)
     torch.testing.assert_close(grad_chunked, grad_full)
+
+
+def test_25_family_builds_loads_and_trains(tmp_path):
+    ckpt25 = build_tiny("minicpmv2_5", tmp_path, query_num=Q)
+    model = load_model(ckpt25, dtype=torch.float32).train()
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and model.config.use_image_id is False
+    assert not any(k.startswith("llm.") and k.endswith("q_proj.bias") for k in model.state_dict())  # Llama: no bias
+    batch = make_batch()
+    loss_sum, n = compute_loss(model(batch).logits, batch["labels"])
+    (loss_sum / n).backward()
+    assert torch.isfinite(loss_sum) and torch.count_nonzero(model.resampler.query.grad) > 0
