@@ -3,6 +3,9 @@ over 2 gloo processes), forward + backward + one engine step, with activation ch
 text-only batch and rank 1 a batch with two crops, so the dummy-image path must keep both ranks' ZeRO-3
 all-gathers of the vision tower in step (otherwise this test hangs and the timeout fails it).
 
+Also loads the checkpoint with `load_model` while an `HfDeepSpeedConfig` is alive (how train.py builds the
+model) and checks the gathered partitions equal the file's tensors.
+
 Run: pytest tests/integration/test_zero3_model.py   (~30 s on 2 cores)
 """
 from __future__ import annotations
@@ -69,7 +72,23 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     engine.step()
     with deepspeed.zero.GatheredParameters([model.resampler.query]):
         query_sum = float(model.resampler.query.float().sum())
-    result = {"loss": float(loss), "partitioned": partitioned, "query_sum": query_sum,
+    # The loader under ZeRO-3: with an HfDeepSpeedConfig alive, from_pretrained (inside load_model) builds the model
+    # under zero.Init and loads the checkpoint into the partitions; gathered weights must equal the file's.
+    from safetensors.torch import load_file
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from raytune_minicpmv.models import load_model
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while loading
+    loaded = load_model(ckpt, dtype=torch.float32)
+    ref = load_file(os.path.join(ckpt, "model.safetensors"))
+    names = ["resampler.proj", "llm.lm_head.weight", "vpm.encoder.layers.1.mlp.fc2.weight"]
+    params = dict(loaded.named_parameters())
+    with deepspeed.zero.GatheredParameters([params[n] for n in names]):
+        loaded_ok = all(torch.equal(params[n].detach(), ref[n]) for n in names)
+    loaded_partitioned = all(hasattr(p, "ds_numel") for p in loaded.parameters())
+    result = {"loss": float(loss), "partitioned": partitioned, "query_sum": query_sum, "loaded_ok": loaded_ok,
+              "loaded_partitioned": loaded_partitioned,
               "local_numel": sum(p.numel() for p in model.parameters()),
               "full_numel": sum(p.ds_numel for p in model.parameters())}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -86,6 +105,7 @@ def test_zero3_init_forward_backward_step(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["partitioned"] and r1["partitioned"]
+    assert r0["loaded_partitioned"] and r0["loaded_ok"] and r1["loaded_ok"]  # load_model under ZeRO-3
     assert r0["local_numel"] < r0["full_numel"]  # each rank holds only its shard
     assert torch.isfinite(torch.tensor([r0["loss"], r1["loss"]])).all()
     assert r0["loss"] != r1["loss"]  # different batches (text-only vs with images)
