@@ -178,12 +178,14 @@ class MergeConfig:
     enabled: bool = True  # tune: merge the best trial when the search ends
     output_path: Optional[str] = None  # None: <storage>/<name>/merged
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    max_shard_size: str = "2GB"
-    verify_samples: int = 2
+    max_shard_size: str = "2GB"  # limit per output safetensors file (KB/MB/GB/TB)
+    verify_samples: int = 2  # sample records run through adapter-on-base and the merged model; 0 skips the check
     verify_atol: float = 5e-2  # logits tolerance merged vs adapter-on-base (bf16); fp32 merges use 1e-4
     num_cpus: float = 1.0
-    memory_gb: Optional[float] = None  # declared to Ray (None: 1.5 × largest shard + adapter)
-    num_gpus: float = 0.0
+    # declared to Ray (None: the larger of 1.5 × (largest base shard + adapter) for the streaming merge and
+    # 1.3 × model + adapter for the verification, which loads one model at a time)
+    memory_gb: Optional[float] = None
+    num_gpus: float = 0.0  # > 0: the merge task takes a GPU and runs the verification forward passes on it
 
 
 @dataclass(frozen=True)
@@ -513,6 +515,10 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(mg.verify_samples >= 0, "merge.verify_samples: must be >= 0")
     need(mg.verify_atol > 0, "merge.verify_atol: must be > 0")
     need(mg.num_cpus > 0, "merge.num_cpus: must be > 0")
+    need(__import__("re").fullmatch(r"(?i)\s*\d+(\.\d+)?\s*(KB|MB|GB|TB)\s*", mg.max_shard_size) is not None,
+         f"merge.max_shard_size: {mg.max_shard_size!r} is not a size like 500MB or 2GB")
+    need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
+    need(mg.num_gpus >= 0, "merge.num_gpus: must be >= 0")
     return p
 
 

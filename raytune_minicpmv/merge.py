@@ -120,15 +120,13 @@ def resolve_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
 
 def write_merged_weights(base: CheckpointReader, adapter: Adapter, out_dir: Path, merge_cfg: MergeConfig) -> Path:
     """Every base tensor, merged and cast, into `model-0000i-of-0000n.safetensors` + index. Returns the index."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     out_dtype = DTYPES[merge_cfg.dtype]
     for key, store_key in adapter.replacements.items():  # fail before writing anything
         if adapter.tensors.shape(store_key) != base.entry(key).shape:
             raise ValueError(f"{key}: trained copy has shape {adapter.tensors.shape(store_key)}, "
                              f"base has {base.entry(key).shape}")
     planned = [(e.key, e.shape, out_dtype if e.dtype.is_floating_point else e.dtype) for e in base.entries]
-    plan = plan_shards(planned, parse_size_to_int(merge_cfg.max_shard_size))
+    plan = plan_shards(planned, parse_size(merge_cfg.max_shard_size))
 
     def produce(key: str) -> torch.Tensor:
         base_tensor = None if key in adapter.replacements else base.get(key)  # a replaced tensor is never read
@@ -228,6 +226,13 @@ def estimate_memory_bytes(base_dir, adapter_dir, merge_cfg: MergeConfig) -> int:
                       for e in base.entries)
     verify_phase = 1.3 * model_bytes + adapter.nbytes if merge_cfg.verify_samples else 0
     return int(max(merge_phase, verify_phase) + 512 * 2**20)  # + the interpreter, torch and transformers
+
+
+def parse_size(size: str) -> int:
+    """"500MB" / "2GB" → bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    size = size.strip().upper()
+    return int(float(size[:-2]) * units[size[-2:]])
 
 
 def _versions() -> dict:
