@@ -170,7 +170,12 @@ def _map_rows(cfg: Config, spec: ModelSpec, tokenizer_path: str, raws: list[RawR
                             fn_constructor_kwargs=dict(spec=spec.__dict__, tokenizer_path=tokenizer_path,
                                                        max_length=d.model_max_length,
                                                        on_bad_record=d.on_bad_record))
-    return ds if keep_skipped else ds.filter(expr="skip_reason == ''", num_cpus=SMALL_CPU)
+    if not keep_skipped:
+        ds = ds.filter(expr="skip_reason == ''", num_cpus=SMALL_CPU)
+    # on_bad_record=error: let a worker's BadRecord reach the driver as itself (file, id, reason), not wrapped in
+    # Ray Data's generic UserCodeException. Set on this dataset's context only.
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, path: str, dest: str) -> dict:
@@ -261,9 +266,12 @@ def _find_bad_record(e: Optional[BaseException]) -> Optional[BaseException]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
+        if isinstance(cause, (BadRecord, BadDataError)):
+            return cause
         if isinstance(e, (BadRecord, BadDataError)):
             return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        e = cause or e.__cause__ or e.__context__
     return None
 
 
