@@ -149,5 +149,5 @@ def _minicpmv_batches(model_dir, n: int, scratch: Path) -> list[dict]:
     from .pipeline import preprocess_for_check
     from .sample_data import write_sample_dataset
 
-    records = write_sample_dataset(scratch / "data", split="eval")
+    records = write_sample_dataset(scratch / "data", split="eval", num_records=max(n, 6))
     return [preprocess_for_check(model_dir, records, index=i) for i in range(n)]

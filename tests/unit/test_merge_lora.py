@@ -164,3 +164,20 @@ def test_unsupported_and_mismatched_adapters_are_refused_before_writing(tmp_path
     with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn.weight, which the base checkpoint does not"):
         merge_adapter(base, wrong, tmp_path / "m2", FP32)
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_full_finetune_checkpoint_and_zero3_unGathered_adapter(tmp_path):
+    base = tiny_qwen2(tmp_path / "base")
+    ckpt = tmp_path / "checkpoint_000001"
+    (ckpt / "full_model").mkdir(parents=True)
+    trained = {"model.layers.0.mlp.up_proj.weight": torch.randn(64, 32), "model.norm.weight": torch.randn(32)}
+    save_file(trained, ckpt / "full_model" / "model.safetensors")
+    merged = read_all(merge_adapter(base, ckpt / "adapter", tmp_path / "merged", FP32))  # no adapter/: full_model/
+    assert all(torch.equal(merged[k], v) for k, v in trained.items())
+    assert torch.equal(merged["lm_head.weight"], read_all(base)["lm_head.weight"])
+
+    zero3 = train_adapter(base, tmp_path / "zero3", target_modules=["q_proj"], r=4)
+    flat = {k: v.reshape(-1)[:0] if "lora_" in k else v for k, v in load_file(zero3 / "adapter_model.safetensors").items()}
+    save_file(flat, zero3 / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        merge_adapter(base, zero3, tmp_path / "m3", FP32)
