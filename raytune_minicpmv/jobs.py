@@ -186,8 +186,8 @@ def entrypoint_resources(address: str) -> dict[str, float]:
 def job_status(client, job_id: str) -> dict:
     info = client.get_job_info(job_id)
     return {"job_id": job_id, "status": str(info.status), "message": info.message, "entrypoint": info.entrypoint,
-            "entrypoint_resources": info.entrypoint_resources, "start_time": info.start_time, "end_time": info.end_time,
-            "driver_exit_code": getattr(info, "driver_exit_code", None)}
+            "start_time": info.start_time, "end_time": info.end_time, "driver_node_id": info.driver_node_id,
+            "driver_exit_code": info.driver_exit_code}
 
 
 def follow(client, job_id: str, poll_s: float = 2.0) -> int:
