@@ -145,7 +145,7 @@ def rows_to_table(rows: list[Row], patch_size: int = 14) -> pa.Table:
     for r in rows:
         for c in r.crops:
             w, h = c.size
-            _pack_into(np.asarray(c), buf[pos:pos + 3 * w * h], patch_size)
+            _pack_into(c, buf[pos:pos + 3 * w * h], patch_size)
             pos += 3 * w * h
         r.crops = []
     pixel_values = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(rows),
@@ -168,11 +168,15 @@ def rows_to_table(rows: list[Row], patch_size: int = 14) -> pa.Table:
     }, schema=ROW_SCHEMA)
 
 
-def _pack_into(hwc: np.ndarray, out: np.ndarray, p: int) -> None:
-    # slicing.pack_crop, writing into the batch buffer: out[c, i, (r*Wp+q)*p + j] = hwc[r*p+i, q*p+j, c]
-    h, w, ch = hwc.shape
+def _pack_into(crop, out: np.ndarray, p: int) -> None:
+    # slicing.pack_crop, writing into the batch buffer: out[c, i, (r*Wp+q)*p + j] = pixel[r*p+i, q*p+j, c].
+    # Per band (PIL's split gives contiguous HxW planes) the inner copy moves 14 contiguous bytes: ~3x faster than
+    # transposing the interleaved HxWx3 array.
+    w, h = crop.size
     hp, wp = h // p, w // p
-    np.copyto(out.reshape(ch, p, hp, wp, p), hwc.reshape(hp, p, wp, p, ch).transpose(4, 1, 0, 2, 3))
+    planes = out.reshape(3, p, hp, wp, p)
+    for c, band in enumerate(crop.split()):
+        np.copyto(planes[c], np.asarray(band).reshape(hp, p, wp, p).transpose(1, 0, 2, 3))
 
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
