@@ -40,7 +40,8 @@ def test_rerun_is_a_noop_and_other_inputs_are_refused(tmp_path, base_and_adapter
     cfg = MergeConfig(dtype="fp32", verify_samples=1, verify_atol=1e-4)
     out = merge_adapter(base, adapter, tmp_path / "merged", cfg)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["verification"]["max_abs_diff"] <= 1e-4 and manifest["adapter"] == str(adapter)
+    verification = manifest["verification"]
+    assert verification["max_abs_diff"] <= 1e-4 < verification["adapter_effect"] and manifest["adapter"] == str(adapter)
     before = _mtimes(out)
     assert merge_adapter(base, adapter, out, cfg) == out
     assert _mtimes(out) == before
