@@ -121,7 +121,8 @@ class MiniCPMVBase(PreTrainedModel):
             feats = self.image_features(crops, torch.cat(sizes).to(emb.device))
             index = torch.cat(positions).to(emb.device)
             emb = emb.reshape(batch * length, dim).index_copy(0, index, feats.reshape(-1, dim)).reshape(emb.shape)
-        elif self.training:
+        elif self.training or hasattr(self.resampler.query, "ds_id"):
+            # ZeRO-3 (ds_id on partitioned params) gathers weights collectively, so eval needs the dummy crop too
             emb = emb + self._dummy_features(emb.device).sum() * 0.0
         return emb
 
