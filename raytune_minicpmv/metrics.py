@@ -251,8 +251,9 @@ class Timer:
 
 
 class Trackers:
-    def __init__(self, report_to: list[str], log_dir: str, run_name: str, config: dict):
-        self._writers = []
+    def __init__(self, report_to: list[str], log_dir: str, run_name: str, config: dict,
+                 jsonl_path: Optional[str] = None):
+        self._writers = [_jsonl_writer(jsonl_path)] if jsonl_path else []
         for backend in report_to:
             try:
                 self._writers.append(_open_tracker(backend, log_dir, run_name, config))
@@ -261,12 +262,26 @@ class Trackers:
 
     def log(self, metrics: dict, step: int) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        scalars = {k: v for k, v in scalars.items() if v == v}  # NaN (no grad norm yet) is not a point
         for w in self._writers:
             w(scalars, step)
 
     def close(self) -> None:
         for w in self._writers:
             getattr(w, "close", lambda: None)()
+
+
+def _jsonl_writer(path: str):
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def write(scalars, step):
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    return write
 
 
 def _open_tracker(backend: str, log_dir: str, run_name: str, config: dict):

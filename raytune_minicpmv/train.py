@@ -34,6 +34,7 @@ from .metrics import (FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, f
                       format_run_report, peak_flops)
 
 log = logging.getLogger(__name__)
+_HF_DS_CONFIG = None  # see build_engine
 
 
 # ==============================================================================================================
@@ -150,12 +151,30 @@ def tensorboard_dir(cfg: Config, run_name: Optional[str] = None) -> str:
     return os.path.join(run_dir, "tensorboard")
 
 
+def metrics_jsonl(cfg: Config, run_name: Optional[str] = None) -> Optional[str]:
+    """Every report as one JSON line (rank 0), next to the checkpoints when the storage is a local/NFS path."""
+    run_dir = join_uri(cfg.run.storage_path, run_name or cfg.run.name)
+    return None if is_uri(run_dir) else os.path.join(run_dir, "metrics.jsonl")
+
+
+def read_history(cfg: Config) -> list[dict]:
+    import json
+
+    path = metrics_jsonl(cfg)
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def summarize(cfg: Config, result, wall_s: float) -> dict:
     m = dict(result.metrics or {})
+    history = read_history(cfg)
     best = [(c.path, cm.get("eval_loss")) for c, cm in (result.best_checkpoints or [])]
     return {
         "run_dir": result.path,
         "steps": int(m.get("step", 0)),
+        "resumed_from_step": m.get("resumed_from_step"),
         "final_loss": m.get("loss"),
         "final_eval_loss": m.get("eval_loss"),
         "best_eval_loss": m.get("best_eval_loss"),
@@ -169,6 +188,9 @@ def summarize(cfg: Config, result, wall_s: float) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "kept_checkpoints": [p for p, _ in best],
         "tensorboard": tensorboard_dir(cfg),
+        "metrics_jsonl": metrics_jsonl(cfg),
+        "loss_history": [(h["step"], round(h["loss"], 4)) for h in history],
+        "eval_history": [(h["step"], round(h["eval_loss"], 4)) for h in history if "eval_loss" in h],
         "error": repr(result.error) if getattr(result, "error", None) else None,
     }
 
@@ -194,17 +216,18 @@ def train_fn_per_worker(config_dict: dict) -> None:
         with resumed.as_directory() as d:
             state = load_checkpoint(engine, d)
         _log(rank, f"resumed from {resumed.path} at step {state.step}")
+    resumed_step = state.step
 
     from .pipeline import collate
 
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, collate, state)
     meter = ThroughputMeter(FlopModel.from_model(model), peak_flops() if cfg.scaling.use_gpu else 0.0, world)
-    trackers = Trackers(cfg.train.report_to, tensorboard_dir(cfg, run_name), run_name, cfg.to_dict()) \
-        if rank == 0 else None
+    trackers = Trackers(cfg.train.report_to, tensorboard_dir(cfg, run_name), run_name, cfg.to_dict(),
+                        jsonl_path=metrics_jsonl(cfg, run_name)) if rank == 0 else None
     window_loss = torch.zeros(2, dtype=torch.float64)  # local (loss_sum, label tokens) since the last report
     engine.train()
     while state.step < cfg.train.max_steps:
-        loss_sum, counts, step_s, wait_s = train_step(engine, batches, cfg, world)
+        loss_sum, counts, step_s, wait_s, lr = train_step(engine, batches, cfg, world)
         state.step += 1
         state.tokens_seen += counts.label_tokens
         window_loss += torch.tensor([loss_sum, 0.0], dtype=torch.float64)
@@ -213,7 +236,8 @@ def train_fn_per_worker(config_dict: dict) -> None:
         if will_fail and state.step == cfg.train.fail_at_step:
             _trigger_failure(cfg, run_name, rank)
         if _is_report_step(cfg, state.step):
-            report(engine, model, cfg, config_dict, state, meter, window_loss, trackers, rank, world)
+            report(engine, model, cfg, config_dict, state, meter, window_loss, trackers, rank, world,
+                   extra={"lr": lr, "resumed_from_step": resumed_step})
             window_loss.zero_()
     if trackers:
         trackers.close()
@@ -239,37 +263,46 @@ def build_engine(cfg: Config):
     fix_cuda_arch_list()
     import deepspeed
 
-    from .models import apply_trainable_policy, load_model
+    from .models import apply_trainable_policy, enable_gradient_checkpointing, load_model
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # wraps Ray's group
     ds_cfg = build_ds_config(cfg)
     dtype = torch_dtype(cfg)
+    global _HF_DS_CONFIG
     if cfg.deepspeed.zero_stage == 3:
-        # transformers' loading code partitions while it loads when it sees this config object alive
+        # While this object is alive, transformers' from_pretrained (inside load_model) builds the model under
+        # deepspeed.zero.Init — every parameter is partitioned as it is created, so no rank ever holds the whole
+        # model — and loads the checkpoint shard by shard into the partitions.
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - must outlive load_model
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=dtype):
-            model = load_model(cfg.model.path, dtype=dtype)
-    else:
-        model = load_model(cfg.model.path, dtype=dtype)
+        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference
+    model = load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
+    _cast_new_trainables(model, dtype)
     if cfg.model.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)  # non-reentrant, vision and LLM layers
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
         optimizer, cfg), config=ds_cfg)
     return engine, model
 
 
-def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(target, "gradient_checkpointing_enable"):
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # frozen embeddings + non-reentrant checkpointing still need an input that requires grad for LoRA below
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+def _cast_new_trainables(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """PEFT creates LoRA weights in fp32 next to a bf16 base; DeepSpeed's bf16/fp16 engine needs one dtype (it
+    keeps the fp32 master copies itself). ZeRO-3-partitioned (loaded) tensors already have the load dtype."""
+    for p in model.parameters():
+        if p.requires_grad and not hasattr(p, "ds_id") and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def all_reduce(t: torch.Tensor, device, op=None) -> torch.Tensor:
+    """all_reduce a small CPU tensor through the process group's device (NCCL only reduces CUDA tensors)."""
+    import torch.distributed as dist
+
+    d = t.to(device)
+    dist.all_reduce(d, op=op or dist.ReduceOp.SUM)
+    return d.cpu()
 
 
 def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[dict]:
@@ -296,8 +329,7 @@ def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[di
 
 
 def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
-    """One optimizer step; returns (local loss sum, global StepCounts, step seconds, data-wait seconds)."""
-    import torch.distributed as dist
+    """One optimizer step; returns (local loss sum, global StepCounts, step s, data-wait s, lr applied)."""
 
     from .models import compute_loss
 
@@ -307,11 +339,11 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         local = StepCounts()
         for b in micro:
             local = local + StepCounts.of_batch(b)
-        counts_t = local.as_tensor()
-        dist.all_reduce(counts_t)  # the global token count of this step: the loss denominator
-        counts = StepCounts.from_tensor(counts_t)
+        # the global token count of this step (the loss denominator) and the throughput counts, in one collective
+        counts = StepCounts.from_tensor(all_reduce(local.as_tensor(), engine.device))
         scale = world / max(counts.label_tokens, 1.0)
         loss_total = 0.0
+        lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
             b = to_device(b, engine.device)
             logits = engine(b).logits
@@ -319,7 +351,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
             loss_total += float(loss_sum.detach())
-    return loss_total, counts, step_t.seconds, wait_t.seconds
+    return loss_total, counts, step_t.seconds, wait_t.seconds, lr
 
 
 @torch.no_grad()
@@ -344,8 +376,8 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     n = 0
     while cfg.train.eval_max_batches is None or n < cfg.train.eval_max_batches:
         batch = next(it, None)
-        have = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        have = all_reduce(torch.tensor([0 if batch is None else 1], dtype=torch.int64), engine.device,
+                          op=dist.ReduceOp.MIN)
         if not have.item():
             break
         b = to_device(batch, engine.device)
@@ -353,22 +385,20 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
         n += 1
     engine.train()
-    dist.all_reduce(totals)
+    totals = all_reduce(totals, engine.device)
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
 def report(engine, model, cfg: Config, config_dict: dict, state: TrainState, meter: ThroughputMeter,
-           window_loss: torch.Tensor, trackers: Optional[Trackers], rank: int, world: int) -> None:
+           window_loss: torch.Tensor, trackers: Optional[Trackers], rank: int, world: int, extra: dict) -> None:
     """One `ray.train.report` on every rank: metrics, plus eval and checkpoint when due."""
     import ray.train
-    import torch.distributed as dist
 
-    loss_sum = window_loss[:1].clone()
-    dist.all_reduce(loss_sum)
+    loss_sum = all_reduce(window_loss[:1].clone(), engine.device)
     metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch,
                                "loss": float(loss_sum[0] / max(float(window_loss[1]), 1.0)),
-                               "lr": float(engine.get_lr()[0]), "grad_norm": _grad_norm(engine),
-                               "tokens_seen": state.tokens_seen, **meter.snapshot()}
+                               "grad_norm": _grad_norm(engine), "tokens_seen": state.tokens_seen,
+                               **extra, **meter.snapshot()}
     if state.step % cfg.train.eval_steps == 0 or state.step == cfg.train.max_steps:
         eval_loss = evaluate(engine, cfg)
         if eval_loss is not None:
