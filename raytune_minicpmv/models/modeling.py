@@ -12,6 +12,9 @@ The forward, per batch:
    on that output is the remote code's "leaf variable used in an in-place operation" error);
 3. a batch with no crops still runs a zero-contribution dummy crop through `vpm` + resampler when training, so every
    rank touches the vision weights (ZeRO-3 gathers and DDP reductions would otherwise hang);
+   Under ZeRO-3 every vision call is a collective (weights are gathered), so all ranks must make the SAME number
+   of calls: with partitioned parameters all crops of the batch go through ONE call (`vision_batch_size` chunking
+   would give ranks with more crops more calls, and the gathers fall out of step);
 4. the LLM runs on `inputs_embeds` with `position_ids`. `attention_mask` is not passed, as in the remote code:
    padding is on the right and attention is causal, so real tokens never see it, and SDPA keeps its causal kernel.
 """
@@ -75,13 +78,19 @@ class MiniCPMVBase(PreTrainedModel):
         return self.llm.get_output_embeddings()
 
     # ---- vision
+    @property
+    def zero3_partitioned(self) -> bool:
+        """Parameters partitioned by DeepSpeed ZeRO-3 (each module call then all-gathers its weights)."""
+        return hasattr(self.resampler.query, "ds_id")
+
     def image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         """crops: `[3, 14, N_i*14]` each; tgt_sizes `[n, 2]` → `[n, Q, D]` in the LLM's dtype."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
         width = max(c.shape[-1] for c in crops)
         pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
         tgt_sizes = tgt_sizes.to(torch.int32)
-        chunk = max(1, int(self.config.vision_batch_size))
+        # ZeRO-3 (ds_id on partitioned params): one call whatever the crop count, so every rank gathers in step
+        chunk = len(crops) if self.zero3_partitioned else max(1, int(self.config.vision_batch_size))
         feats = []
         for s in range(0, len(crops), chunk):
             hidden = self.vpm(pixels[s:s + chunk], tgt_sizes[s:s + chunk])
@@ -121,8 +130,8 @@ class MiniCPMVBase(PreTrainedModel):
             feats = self.image_features(crops, torch.cat(sizes).to(emb.device))
             index = torch.cat(positions).to(emb.device)
             emb = emb.reshape(batch * length, dim).index_copy(0, index, feats.reshape(-1, dim)).reshape(emb.shape)
-        elif self.training or hasattr(self.resampler.query, "ds_id"):
-            # ZeRO-3 (ds_id on partitioned params) gathers weights collectively, so eval needs the dummy crop too
+        elif self.training or self.zero3_partitioned:
+            # ZeRO-3 gathers weights collectively, so eval needs the dummy crop too
             emb = emb + self._dummy_features(emb.device).sum() * 0.0
         return emb
 

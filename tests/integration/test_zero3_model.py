@@ -1,7 +1,8 @@
 """The native model under DeepSpeed ZeRO-3 on CPU: built inside `deepspeed.zero.Init` (parameters partitioned
 over 2 gloo processes), forward + backward + one engine step, with activation checkpointing on. Rank 0 gets a
-text-only batch and rank 1 a batch with two crops, so the dummy-image path must keep both ranks' ZeRO-3
-all-gathers of the vision tower in step (otherwise this test hangs and the timeout fails it).
+text-only batch and rank 1 a batch with two crops (with vision_batch_size 1, which must not split them into two
+calls under ZeRO-3), so the dummy-image path and the single vision call must keep both ranks' ZeRO-3 all-gathers of
+the vision tower in step (otherwise this test crashes with a gloo size mismatch or hangs and the timeout fails it).
 
 Also loads the checkpoint with `load_model` while an `HfDeepSpeedConfig` is alive (how train.py builds the
 model) and checks the gathered partitions equal the file's tensors.
@@ -58,6 +59,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
                  "bf16": {"enabled": False}, "gradient_clipping": 1.0}
     fam = get_family(ckpt)
     config = fam.config_class.from_checkpoint_dict(read_config_json(ckpt))
+    config.vision_batch_size = 1  # chunking would give rank 1 two vision calls and rank 0 one: ZeRO-3 runs one call
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = fam.model_class(config)
     partitioned = all(hasattr(p, "ds_numel") for p in model.parameters())
