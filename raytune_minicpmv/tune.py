@@ -65,7 +65,7 @@ def run_tune(cfg: Config) -> dict:
         from .merge import run_merge
 
         merged = run_merge(cfg.model.path, os.path.join(best.checkpoint_path, "adapter"), cfg.merge_output_path,
-                           cfg.merge)
+                           cfg.merge, cfg=cfg)
         summary["merged_path"] = str(merged)
         log.info("merged model: %s", merged)
     print(f"best trial {best.trial_id}: {cfg.tune.metric}={best.metric:.4f} at step {best.step} "
@@ -193,7 +193,10 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = tune.with_resources(make_trial_driver(cfg), dict(cfg.tune.driver_resources))
+    from .cluster import driver_resources
+
+    # trial drivers only wait on their TorchTrainer: a sliver of CPU, on the CPU head where the cluster has one
+    trainable = tune.with_resources(make_trial_driver(cfg), driver_resources(cfg, dict(cfg.tune.driver_resources)))
     path = join_uri(cfg.run.storage_path, experiment_name(cfg))
     if tune.Tuner.can_restore(path):
         log.info("restoring tune experiment from %s", path)
