@@ -64,9 +64,26 @@ def init_ray(cfg: Config):
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.ray.num_cpus)
+        extra = {}
+        if cfg.ray.include_dashboard:
+            # Ray's State API clients without an address (Train V2's placement-group cleaner among them) look for
+            # "the" Ray instance of this machine and fail when another one runs here (a parallel test session, a
+            # `ray start` cluster): the stopped trial's placement group then leaks and the next trial waits forever.
+            # Pin them to our dashboard; set before init so every process of this Ray inherits it.
+            port = _free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            extra["dashboard_port"] = port
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 runtime_env=env, log_to_driver=True)
+                 runtime_env=env, log_to_driver=True, **extra)
     return ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _without_job_env_vars(env: dict[str, str]) -> dict[str, str]:

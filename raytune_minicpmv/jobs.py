@@ -72,7 +72,7 @@ def cli(args) -> int:
               "(on the head: `ray get-auth-token`), or RAY_AUTH_TOKEN_PATH=FILE, or put it in ~/.ray/auth_token.",
               file=sys.stderr)
         return 2
-    except (ConnectionError, JobError) as e:
+    except (ConnectionError, RuntimeError, ValueError) as e:  # JobError; the SDK's "job not found", "id taken"
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)

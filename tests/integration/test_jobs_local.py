@@ -1,9 +1,10 @@
-"""cluster.driver_resources and check_storage on a one-node local Ray (the 2-node cases are in test_multinode.py).
+"""cluster.py on a one-node local Ray: driver_resources, check_storage, the State API pin (2-node cases: test_multinode.py).
 
 Run: .venv/bin/python -m pytest tests/integration/test_jobs_local.py -q
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from raytune_minicpmv import cluster
@@ -23,5 +24,31 @@ def test_driver_resources_only_when_the_cluster_has_them(tmp_path, monkeypatch):
         assert cluster.driver_resources(off, {"CPU": 0.05}) == {"CPU": 0.05}
         cluster.check_storage(cfg)  # one node: nothing to compare, passes without writing a marker
         assert not list(Path(cfg.run.storage_path).glob(".storage_check/*"))
+    finally:
+        ray.shutdown()
+
+
+def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard(tmp_path, monkeypatch):
+    """Train V2's placement-group cleaner calls the State API without an address; with a second Ray on the machine
+    that lookup fails ("Found multiple active Ray instances") and a trial stopped by ASHA leaks its placement group.
+    init_ray points every process of its local Ray at its own dashboard."""
+    import ray
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    cfg = load_config(None, ["ray.num_cpus=1", "scaling.use_gpu=false"], check_paths=False)
+    cluster.init_ray(cfg)
+    try:
+        @ray.remote(num_cpus=0)
+        def state_api_from_a_worker():
+            import os
+
+            from ray.util.state import list_nodes
+
+            return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_nodes())
+
+        url = os.environ["RAY_API_SERVER_ADDRESS"]
+        assert url.startswith("http://127.0.0.1:")
+        assert ray.get(state_api_from_a_worker.remote()) == (url, 1)
     finally:
         ray.shutdown()

@@ -130,6 +130,9 @@ def cluster():
     try:
         gcs_port, dash_port = _free_port(), _free_port()
         c.dashboard = f"http://127.0.0.1:{dash_port}"
+        # Ray's own State API clients (Train's placement-group cleaner) otherwise look for "the" Ray instance of this
+        # machine and fail when other clusters run here too; a real node runs one Ray.
+        env["RAY_API_SERVER_ADDRESS"] = c.dashboard
         # Head: the CPU driver node of cluster.yaml in miniature (no GPU, the trial_driver resource).
         _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
                     "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
@@ -143,7 +146,7 @@ def cluster():
         _ray_start(["--address", c.gcs, "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(c.root / "ray2"),
                     "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
                    {**env, SIMULATE_NODE_LOCAL_ENV: str(c.node_local)}, c, check=False)
-        c.env = {**env, "RAY_API_SERVER_ADDRESS": c.dashboard}
+        c.env = env
         c.head_node_id = _wait_for_nodes(c, 2)
         from raytune_minicpmv.demo import prepare_demo_inputs
 
