@@ -34,8 +34,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The demo recipe, shrunk to one short trial: the point here is the cluster plumbing, not the search.
-SMALL_TUNE = ["tune.num_samples=1", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
-              "train.logging_steps=1", "train.eval_max_batches=1", "merge.verify_samples=1"]
+SMALL_TUNE = ["tune.num_samples=1", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2",
+              "optim.warmup_steps=0", "train.logging_steps=1", "train.eval_max_batches=1", "merge.verify_samples=1"]
 
 
 @dataclass
@@ -148,17 +148,26 @@ def cluster():
                    {**env, SIMULATE_NODE_LOCAL_ENV: str(c.node_local)}, c, check=False)
         c.env = env
         c.head_node_id = _wait_for_nodes(c, 2)
-        from raytune_minicpmv.demo import prepare_demo_inputs
-
-        c.inputs = prepare_demo_inputs(c.shared / "inputs")
+        c.inputs = _demo_inputs(c.shared / "inputs")
         yield c
     finally:
         _kill_cluster(c)
         shutil.rmtree(c.root, ignore_errors=True)
 
 
+def _demo_inputs(root: Path) -> dict[str, str]:
+    """The demo's tiny model and sample data, fewer records: 2 steps × 2 workers × micro-batch 2 = 8 train records."""
+    from raytune_minicpmv.models import build_tiny
+    from raytune_minicpmv.sample_data import write_sample_dataset
+
+    build_tiny("minicpmv2_6", root / "tiny-minicpmv2_6")
+    return {"model.path": str(root / "tiny-minicpmv2_6"),
+            "data.train_path": str(write_sample_dataset(root / "data", "train", num_records=8)),
+            "data.eval_path": str(write_sample_dataset(root / "data", "eval", num_records=4))}
+
+
 def _tune_cmd(c: Cluster, name: str, storage: Path) -> list[str]:
-    inputs = [f"{k}={v}" for k, v in c.inputs.items() if k != "run.storage_path"]
+    inputs = [f"{k}={v}" for k, v in c.inputs.items()]
     return ["raytune-minicpmv", "tune", "--config", "configs/demo.yaml", *inputs, *SMALL_TUNE,
             f"run.name={name}", f"run.storage_path={storage}"]
 
