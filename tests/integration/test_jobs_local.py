@@ -11,10 +11,9 @@ from raytune_minicpmv import cluster
 from raytune_minicpmv.config import load_config
 
 
-def test_driver_resources_only_when_the_cluster_has_them(tmp_path, monkeypatch):
+def test_driver_resources_only_when_the_cluster_has_them(tmp_path):
     import ray
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # the local Ray writes its auth token under ~/.ray
     cfg = load_config(None, [f"run.storage_path={tmp_path / 'runs'}"], check_paths=False)
     ray.init(address="local", num_cpus=1, include_dashboard=False, resources={"trial_driver": 2},
              log_to_driver=False)
@@ -34,7 +33,6 @@ def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard(tmp_path, monke
     init_ray points every process of its local Ray at its own dashboard."""
     import ray
 
-    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     cfg = load_config(None, ["ray.num_cpus=1", "scaling.use_gpu=false"], check_paths=False)
     cluster.init_ray(cfg)

@@ -13,7 +13,17 @@ from raytune_minicpmv.config import load_config
 
 
 @pytest.fixture
-def clean_env(monkeypatch, tmp_path):
+def fresh_token_cache():
+    """Ray caches the token it found in-process; forget it after the test (and after monkeypatch restored the
+    environment), so later tests that start a local Ray read the real one."""
+    yield
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture
+def clean_env(fresh_token_cache, monkeypatch, tmp_path):
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
                 "RAY_JOB_CONFIG_JSON_ENV_VAR", "NCCL_DEBUG", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"):
         monkeypatch.delenv(key, raising=False)
