@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 
 from .config import Config, ConfigError, is_uri, join_uri
@@ -138,6 +139,7 @@ def check_storage(cfg: Config, timeout_s: float = 120.0) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
+    t0 = time.monotonic()
     token = uuid.uuid4().hex
     marker = join_uri(path, _MARKER_DIR, token)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -157,7 +159,7 @@ def check_storage(cfg: Config, timeout_s: float = 120.0) -> None:
             "checkpoints, Tune results and the merged model must go to shared storage: use a path of an NFS/EFS/"
             "Filestore mount present at the same path on every node (e.g. run.storage_path=/mnt/shared/runs) or an "
             "object-store URI (run.storage_path=s3://bucket/runs or gs://bucket/runs)."])
-    log.info("storage check: %s is shared by all %d nodes", path, len(nodes))
+    log.info("storage check: %s is shared by all %d nodes (%.1f s)", path, len(nodes), time.monotonic() - t0)
 
 
 def _nodes_missing_marker(ray, nodes: list[dict], marker: str, token: str, timeout_s: float):

@@ -12,6 +12,7 @@ kill other Ray clusters of this machine).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -120,8 +121,10 @@ def _kill_cluster(c: Cluster) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def two_node_cluster():
+    """Start the head and the second node; yield the Cluster; stop and remove everything. Also used by
+    benchmarks/jobs_overhead.py."""
     # A short root: Ray's unix sockets live under it and must fit in 107 characters.
     c = Cluster(root=Path(tempfile.mkdtemp(prefix="rtm-mn-", dir="/tmp")), token=secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -148,11 +151,17 @@ def cluster():
                    {**env, SIMULATE_NODE_LOCAL_ENV: str(c.node_local)}, c, check=False)
         c.env = env
         c.head_node_id = _wait_for_nodes(c, 2)
-        c.inputs = _demo_inputs(c.shared / "inputs")
         yield c
     finally:
         _kill_cluster(c)
         shutil.rmtree(c.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with two_node_cluster() as c:
+        c.inputs = _demo_inputs(c.shared / "inputs")
+        yield c
 
 
 def _demo_inputs(root: Path) -> dict[str, str]:
