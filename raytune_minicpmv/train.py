@@ -107,7 +107,7 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
     (e.g. its lr already applied with `config.replace`). Dotted keys at the top level of that dict
     (``{"optim.lr": 3e-4}``) are applied as overrides in the worker too.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .cluster import runtime_env_vars
@@ -125,12 +125,24 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
                                      accelerator_type=sc.accelerator_type if sc.use_gpu else None),
         run_config=RunConfig(
             name=run_name, storage_path=cfg.run.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
+            checkpoint_config=checkpoint_config(cfg, has_eval="eval" in datasets),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": runtime_env_vars(cfg)},
             callbacks=list(callbacks or [])),
         datasets=datasets,
     )
+
+
+def checkpoint_config(cfg: Config, has_eval: bool):
+    """Keep `save_total_limit` checkpoints: the best by eval_loss when every checkpoint is evaluated (save_steps a
+    multiple of eval_steps; Tune trials save at every evaluation), else the most recent. Ray always keeps the latest
+    too, for resume."""
+    from ray.train import CheckpointConfig
+
+    if has_eval and cfg.train.save_steps % cfg.train.eval_steps == 0:
+        return CheckpointConfig(num_to_keep=cfg.train.save_total_limit, checkpoint_score_attribute="eval_loss",
+                                checkpoint_score_order="min")
+    return CheckpointConfig(num_to_keep=cfg.train.save_total_limit)
 
 
 def build_datasets(cfg: Config) -> dict:
