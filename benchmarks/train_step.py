@@ -52,6 +52,8 @@ def parse(argv=None):
     p.add_argument("--label-frac", type=float, default=0.25)
     p.add_argument("--no-grad-ckpt", action="store_true")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--offload", choices=["none", "cpu_adam", "torch_adam"], default="none",
+                   help="ZeRO optimizer offload to CPU with DeepSpeedCPUAdam (JIT build) or torch AdamW")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
@@ -88,6 +90,8 @@ def bench_config(a):
           f"scaling.num_workers={a.workers}", f"scaling.cpus_per_worker={a.cpus_per_worker}"]
     ov += ["scaling.use_gpu=false", f"model.dtype={a.dtype or 'fp32'}"] if a.cpu else \
         ["scaling.use_gpu=true", f"model.dtype={a.dtype or 'bf16'}"]
+    if a.offload != "none":
+        ov += ["deepspeed.offload_optimizer=cpu", f"deepspeed.cpu_adam={str(a.offload == 'cpu_adam').lower()}"]
     if a.trainable == "full":
         ov += ["trainable.llm=full", "trainable.resampler=full", "trainable.vision=full",
                "trainable.embed_tokens=full"]
