@@ -70,9 +70,10 @@ def init_ray(cfg: Config):
             # Ray's State API clients without an address (Train V2's placement-group cleaner among them) look for
             # "the" Ray instance of this machine and fail when another one runs here (a parallel test session, a
             # `ray start` cluster): the stopped trial's placement group then leaks and the next trial waits forever.
-            # Pin them to our dashboard; set before init so every process of this Ray inherits it.
+            # Pin every worker and actor of this Ray to our dashboard (runtime env, not this process's environment,
+            # which outlives this Ray).
             port = _free_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             extra["dashboard_port"] = port
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  runtime_env=env, log_to_driver=True, **extra)

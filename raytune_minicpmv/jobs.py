@@ -170,17 +170,27 @@ def check_entrypoint(entrypoint: list[str], working_dir: Path) -> None:
 
 def entrypoint_resources(address: str) -> dict[str, float]:
     """{driver_resource: 1} when an alive node of the cluster advertises it (the CPU head of cluster.yaml), else {}."""
-    from ray.util.state import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
-
     name = RayConfig().driver_resource
-    # The State API behind `ray list nodes`, with the same token as the job calls.
-    states = StateApiClient(address, headers=auth_headers()).list(
-        StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
-        raise_on_missing_output=False)
-    if any((n.resources_total or {}).get(name, 0) >= 1 for n in states):
+    nodes = alive_nodes(address)
+    if any((n.get("resources_total") or {}).get(name, 0) >= 1 for n in nodes):
         return {name: 1.0}
     return {}
+
+
+def alive_nodes(address: str, headers: dict[str, str] | None = None) -> list[dict]:
+    """The cluster's alive nodes from the State API's REST endpoint (what `ray list nodes` reads), with the token
+    (`headers`, default: the token found by `auth_headers`).
+
+    Plain HTTP on purpose: Ray's StateApiClient replaces the address it is given by RAY_API_SERVER_ADDRESS.
+    """
+    import requests
+
+    r = requests.get(f"{address.rstrip('/')}/api/v0/nodes", headers=auth_headers() if headers is None else headers,
+                     timeout=60,
+                     params={"limit": 10000, "filter_keys": "state", "filter_predicates": "=",
+                             "filter_values": "ALIVE"})
+    r.raise_for_status()
+    return r.json()["data"]["result"]["result"]
 
 
 def job_status(client, job_id: str) -> dict:

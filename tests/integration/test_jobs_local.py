@@ -27,13 +27,13 @@ def test_driver_resources_only_when_the_cluster_has_them(tmp_path):
         ray.shutdown()
 
 
-def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard(tmp_path, monkeypatch):
+def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard():
     """Train V2's placement-group cleaner calls the State API without an address; with a second Ray on the machine
     that lookup fails ("Found multiple active Ray instances") and a trial stopped by ASHA leaks its placement group.
-    init_ray points every process of its local Ray at its own dashboard."""
+    init_ray points every worker and actor of its local Ray at its own dashboard."""
     import ray
 
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     cfg = load_config(None, ["ray.num_cpus=1", "scaling.use_gpu=false"], check_paths=False)
     cluster.init_ray(cfg)
     try:
@@ -45,8 +45,9 @@ def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard(tmp_path, monke
 
             return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_nodes())
 
-        url = os.environ["RAY_API_SERVER_ADDRESS"]
-        assert url.startswith("http://127.0.0.1:")
-        assert ray.get(state_api_from_a_worker.remote()) == (url, 1)
+        url, nodes = ray.get(state_api_from_a_worker.remote())
+        assert url and url.startswith("http://127.0.0.1:"), url
+        assert nodes == 1
+        assert os.environ.get("RAY_API_SERVER_ADDRESS") == before, "the driver's own environment is left alone"
     finally:
         ray.shutdown()

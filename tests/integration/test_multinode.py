@@ -84,19 +84,20 @@ def _cli(c: Cluster, *args: str, env: dict | None = None, timeout: float = 400) 
 
 def _wait_for_nodes(c: Cluster, n: int, timeout: float = 120) -> str:
     """Wait until n nodes are alive; return the head's node id."""
-    from ray.util.state import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
+    from raytune_minicpmv.jobs import alive_nodes
 
-    headers = {"authorization": f"Bearer {c.token}"}
-    deadline = time.time() + timeout
+    deadline, seen = time.time() + timeout, "the dashboard did not answer"
     while time.time() < deadline:
-        nodes = StateApiClient(c.dashboard, headers=headers).list(
-            StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
-            raise_on_missing_output=False)
-        if len(nodes) >= n:
-            return next(node.node_id for node in nodes if node.is_head_node)
+        try:  # the dashboard may still be starting when `ray start` returns
+            nodes = alive_nodes(c.dashboard, headers={"authorization": f"Bearer {c.token}"})
+        except Exception as e:  # noqa: BLE001 - keep polling until the deadline, report the last reason
+            seen = repr(e)
+        else:
+            if len(nodes) >= n:
+                return next(node["node_id"] for node in nodes if node["is_head_node"])
+            seen = f"{len(nodes)} of {n} nodes alive"
         time.sleep(1)
-    raise AssertionError(f"only {len(nodes)} of {n} nodes came up")
+    raise AssertionError(f"cluster not up after {timeout:.0f} s: {seen}")
 
 
 def _kill_cluster(c: Cluster) -> None:
