@@ -5,6 +5,7 @@ the `raytune-minicpmv submit/status/logs` CLI, the way an operator drives a clou
 - a node-local storage path is refused by the storage check (node 2 is told to see a private copy of one prefix,
   which is what a node without the NFS mount sees; the check itself is the production code)
 - a submission without the token, or with a wrong one, is refused and creates no job
+- a running job can be stopped; following it then exits 1
 
 Run: .venv/bin/python -m pytest tests/integration/test_multinode.py -q      (about 3-4 minutes on 2 cores)
 Processes are stopped by process group and by this cluster's unique token, never with `ray stop` (which would also
@@ -224,3 +225,17 @@ def test_tune_job_on_two_nodes_writes_checkpoints_and_the_merged_model_to_shared
     merged = storage / "mn" / "merged"
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors")), sorted(storage.rglob("*"))
     assert _cli(cluster, "logs", "mn-tune").stdout.count("merged model:") >= 1
+
+
+def test_a_job_can_be_stopped_and_following_it_then_fails(cluster):
+    r = _cli(cluster, "submit", "--submission-id", "mn-sleep", "--", "sleep", "300")
+    assert r.returncode == 0 and r.stdout.strip() == "mn-sleep", r.stdout + r.stderr
+    deadline = time.time() + 60
+    while json.loads(_cli(cluster, "status", "mn-sleep").stdout)["status"] != "RUNNING":
+        assert time.time() < deadline, "the job never started"
+        time.sleep(1)
+    r = _cli(cluster, "stop", "mn-sleep")
+    assert r.returncode == 0 and "stop requested" in r.stdout
+    r = _cli(cluster, "logs", "mn-sleep", "--follow", timeout=60)
+    assert r.returncode == 1 and "STOPPED" in r.stderr, r.stdout + r.stderr
+    assert _cli(cluster, "status", "no-such-job").returncode == 2
