@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -76,9 +75,10 @@ class Preprocessor:
 
 def run_preprocess(cfg: Config) -> dict:
     """Preprocess train (+ eval) into Parquet under `cfg.data_output_path`, write report.json, return the report."""
-    from .cluster import init_ray
+    from .cluster import check_storage, init_ray
 
     init_ray(cfg)
+    check_storage(cfg)  # multi-node: the Parquet output must be visible from every node
     spec, tokenizer_path = model_side(cfg)
     out = cfg.data_output_path
     report = {"output_path": out, "model_spec": spec.__dict__, "tokenizer_path": tokenizer_path,

@@ -44,9 +44,10 @@ _HF_DS_CONFIG = None  # see build_engine
 def run_train(cfg: Config) -> dict:
     """Validate, start or join Ray, fit one training run, print and return its report."""
     check_driver(cfg)
-    from .cluster import init_ray
+    from .cluster import check_storage, init_ray
 
     ray = init_ray(cfg)
+    check_storage(cfg)  # multi-node: storage_path must be visible from every node
     check_cluster(cfg, ray.cluster_resources())
     trainer = build_trainer(cfg)
     print(f"training run {cfg.run.name!r}: checkpoints and results in {cfg.run_dir}; "

@@ -45,7 +45,7 @@ def run_tune(cfg: Config) -> dict:
 
     cfg = _tune_ready(cfg)
     ray = cluster.init_ray(cfg)
-    _check_storage(cfg)
+    cluster.check_storage(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     cfg = _ensure_preprocessed(cfg)
     exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
@@ -120,14 +120,6 @@ def max_concurrent_trials(cfg: Config, cluster_resources: dict) -> int:
 
 def experiment_name(cfg: Config) -> str:
     return f"{cfg.run.name}-tune"
-
-
-def _check_storage(cfg: Config) -> None:
-    from . import cluster
-
-    check = getattr(cluster, "check_storage", None)
-    if check is not None:
-        check(cfg)
 
 
 def _ensure_preprocessed(cfg: Config) -> Config:

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import ray
-from PIL import Image
 
 from raytune_minicpmv.config import config_from_dict, replace
 from raytune_minicpmv.pipeline import SkipCapError, build_dataset, collate, run_preprocess

@@ -97,13 +97,15 @@ def test_token_auth_is_on_and_the_token_reaches_every_node(cluster):
 def test_image_pins_match_pyproject_floors_and_the_tested_versions(dockerfile_pins):
     floors = {}
     for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
-        m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?>=(\S+)$", dep)
+        m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?(>=|==)(\S+)$", dep)
         if m:
-            floors[m[1].lower()] = m[3]
+            floors[m[1].lower()] = m[4]  # an exact pin (ray) is its own floor
     for pkg in ("ray", "torch", "deepspeed", "transformers", "peft"):
         pin = Version(dockerfile_pins[pkg])
         tested = Version(Version(version(pkg)).base_version)  # torch reports 2.13.0+cpu
         assert pin >= Version(floors[pkg]), f"image pins {pkg}=={pin}, below the pyproject floor {floors[pkg]}"
+        if pkg == "ray":
+            assert pin == Version(floors[pkg]), "pyproject pins ray exactly; the image must run the same version"
         if pkg in ("ray", "torch"):
             # Ray: client, head and workers must run the same version; torch: pinned by the Makefile too.
             assert pin == tested, f"image pins {pkg}=={pin} but the tests run {tested}: update one of them"

@@ -47,7 +47,6 @@ def test_table_schema_and_batch(rows_table):
 def test_pixels_equal_direct_slicing(rows_table):
     raws, table = rows_table
     batch = Collate()(table_to_numpy(table.take([3])))
-    import json
     from raytune_minicpmv.records import parse_record
     rec = parse_record(raws[3])
     img = load_rgb(next(iter(rec.images.values())))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from raytune_minicpmv.config import ConfigError, load_config, replace
+from raytune_minicpmv.config import ConfigError, load_config
 from raytune_minicpmv.deepspeed import build_ds_config, build_optimizer, fix_cuda_arch_list, param_groups
 
 
