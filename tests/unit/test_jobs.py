@@ -98,6 +98,8 @@ def test_submit_refuses_a_bad_entrypoint_before_contacting_the_cluster(clean_env
 def test_unreachable_cluster_is_a_clear_error(clean_env, tmp_path, capsys):
     from raytune_minicpmv.cli import main
 
+    # a token is at hand: after a token-auth Ray ran in this process, Ray's client refuses early without one
+    clean_env.setenv("RAY_AUTH_TOKEN", "t" * 32)
     rc = main(["status", "raysubmit_x", "--address", "http://127.0.0.1:9"])
     assert rc == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
