@@ -38,6 +38,8 @@ def runtime_env_vars(cfg: Config) -> dict[str, str]:
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(int(cfg.ray.worker_group_start_timeout_s)),
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        # Train V2 mirrors worker print() into its logger as well, so every progress line reached the driver twice
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"

@@ -107,7 +107,9 @@ def build_dataset(cfg: Config, split: str = "train"):
             return None
         # Ray 2.60's V2 Parquet reader adds a ListFiles task that asks for a whole CPU whatever num_cpus says; next to
         # CPU train workers holding fractional CPUs it never schedules (a silent hang). The V1 reader honours num_cpus.
-        ray.data.DataContext.get_current().use_datasource_v2 = False
+        ctx = ray.data.DataContext.get_current()
+        ctx.use_datasource_v2 = False
+        ctx.enable_progress_bars = False  # re-read every epoch by every trial: its bars would flood the run log
         ds = ray.data.read_parquet(path, num_cpus=SMALL_CPU)
         return ds.filter(expr="skip_reason == ''", num_cpus=SMALL_CPU)
     path = cfg.data.train_path if split == "train" else cfg.data.eval_path

@@ -216,6 +216,7 @@ def train_fn_per_worker(config_dict: dict) -> None:
     """Ray Train worker loop: build, (resume,) train `max_steps` optimizer steps, evaluate, report, checkpoint."""
     import ray.train
 
+    _quiet_worker_logs()
     cfg = worker_config(config_dict)
     run_name = config_dict.get("run_name", cfg.run.name)
     ctx = ray.train.get_context()
@@ -254,6 +255,18 @@ def train_fn_per_worker(config_dict: dict) -> None:
             window_loss.zero_()
     if trackers:
         trackers.close()
+
+
+def _quiet_worker_logs() -> None:
+    """Our per-report progress line says what matters; drop the per-report repeats of Ray Train (the whole report
+    dict, twice per report) and DeepSpeed's per-step FutureWarnings about torch's renamed collectives."""
+    import warnings
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):  # Ray names the first logger by its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def worker_config(config_dict: dict) -> Config:
