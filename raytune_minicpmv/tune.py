@@ -85,8 +85,6 @@ def _tune_ready(cfg: Config) -> Config:
     if cfg.tune.metric == "eval_loss" and not cfg.data.eval_path and not cfg.data.preprocessed:
         problems.append("data.eval_path: tune ranks trials by eval_loss; give an eval split "
                         "(or set tune.metric to a training metric such as loss)")
-    if cfg.merge.enabled and cfg.trainable.llm == "full" and cfg.trainable.preset is None:
-        pass  # full fine-tuning: the merge step copies the trained weights (handled by merge)
     if problems:
         raise ConfigError(problems)
     return replace(cfg, train={"save_steps": cfg.train.eval_steps})
