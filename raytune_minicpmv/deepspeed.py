@@ -34,11 +34,12 @@ from .config import Config
 # learned query / position tables, where decay only pulls them towards zero without regularizing anything.
 NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "position_embedding", "query", "pos_embed")
 
-_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def torch_dtype(cfg: Config) -> torch.dtype:
-    return _DTYPE[cfg.model.dtype]
+    from .models.registry import as_torch_dtype
+
+    return as_torch_dtype(cfg.model.dtype)
 
 
 def build_ds_config(cfg: Config) -> dict:

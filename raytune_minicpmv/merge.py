@@ -28,12 +28,12 @@ import torch
 
 from .config import Config, MergeConfig
 from .lora_adapter import Adapter, read_adapter, merged_tensor
+from .models.registry import as_torch_dtype
 from .safetensors_stream import CheckpointReader, plan_shards, write_sharded
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "merge_manifest.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Weight files of the base that the merge rewrites; every other file of the base directory is copied verbatim.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -120,7 +120,7 @@ def resolve_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
 
 def write_merged_weights(base: CheckpointReader, adapter: Adapter, out_dir: Path, merge_cfg: MergeConfig) -> Path:
     """Every base tensor, merged and cast, into `model-0000i-of-0000n.safetensors` + index. Returns the index."""
-    out_dtype = DTYPES[merge_cfg.dtype]
+    out_dtype = as_torch_dtype(merge_cfg.dtype)
     for key, store_key in adapter.replacements.items():  # fail before writing anything
         if adapter.tensors.shape(store_key) != base.entry(key).shape:
             raise ValueError(f"{key}: trained copy has shape {adapter.tensors.shape(store_key)}, "
@@ -151,7 +151,7 @@ def copy_non_weight_files(base_dir: Path, out_dir: Path, dtype: str) -> list[str
         data = json.loads(config.read_text())
         for key in ("dtype", "torch_dtype"):
             if key in data:
-                data[key] = str(DTYPES[dtype]).removeprefix("torch.")
+                data[key] = str(as_torch_dtype(dtype)).removeprefix("torch.")
         config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
 
@@ -221,7 +221,7 @@ def estimate_memory_bytes(base_dir, adapter_dir, merge_cfg: MergeConfig) -> int:
     base = CheckpointReader(base_dir)
     adapter = read_adapter(resolve_adapter_dir(adapter_dir), set(base.keys()))
     merge_phase = 1.5 * (base.largest_file_bytes + adapter.nbytes)
-    itemsize = DTYPES[merge_cfg.dtype].itemsize
+    itemsize = as_torch_dtype(merge_cfg.dtype).itemsize
     model_bytes = sum(e.nbytes if not e.dtype.is_floating_point else e.nbytes // e.dtype.itemsize * itemsize
                       for e in base.entries)
     verify_phase = 1.3 * model_bytes + adapter.nbytes if merge_cfg.verify_samples else 0

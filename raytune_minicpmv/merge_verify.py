@@ -21,10 +21,10 @@ import torch
 
 from .config import MergeConfig
 from .lora_adapter import OLD_SIDE_FILE, read_adapter
+from .models.registry import as_torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
           "A merged checkpoint must reproduce the adapter model: 3 + 4 = 7, and red circles are round.",
           "Describe the image in one sentence, then list the colours you see."]
@@ -35,7 +35,7 @@ class MergeVerificationError(RuntimeError):
 
 
 def verify_merged(base_dir, adapter_dir, merged_dir, merge_cfg: MergeConfig) -> dict:
-    dtype = _DTYPES[merge_cfg.dtype]
+    dtype = as_torch_dtype(merge_cfg.dtype)
     device = torch.device("cuda" if merge_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
     native = _is_minicpmv(merged_dir)
     with tempfile.TemporaryDirectory(prefix="merge-verify-") as scratch:

@@ -103,7 +103,7 @@ def get_family(name_or_path: str | Path) -> ModelFamily:
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Load a checkpoint directory into the native model of its family (strict about keys)."""
-    dtype = _as_dtype(dtype)
+    dtype = as_torch_dtype(dtype)
     raw = read_config_json(path)
     name = detect_family(raw)
     if name is None or FAMILIES[name].blocked:
@@ -133,7 +133,8 @@ def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, 
     return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The config's dtype names (bf16/fp16/fp32, or torch's own names) as a torch dtype: the one mapping."""
     if isinstance(dtype, torch.dtype):
         return dtype
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -145,4 +146,4 @@ def is_native(model: torch.nn.Module) -> bool:
 
 
 __all__ = ["FAMILIES", "ModelFamily", "CheckpointError", "MiniCPMVConfig", "get_family", "load_model",
-           "detect_family", "read_config_json", "is_native"]
+           "detect_family", "read_config_json", "is_native", "as_torch_dtype"]
