@@ -2,8 +2,9 @@
 
 Input is the MiniCPM-V 2.5/2.6 packing: each crop `[3, 14, N*14]` (its N = h*w patches side by side in raster
 order), zero-padded to the longest crop and stacked to `[B, 3, 14, Nmax*14]`, plus `tgt_sizes [B, 2] = (h, w)`.
-Position ids map every patch's fractional (row, col) onto the 70x70 learned table (NaViT bucketing), computed in
-float32 exactly as the remote code does (an integer shortcut differs at some grid sizes, e.g. 25 or 49 per side).
+Position ids map every patch's fractional (row, col) onto the 70x70 learned table (NaViT bucketing). They are
+computed with the remote code's own tensor ops on the CPU (see `navit_position_ids`), so they are identical to it on
+any device; the arithmetic is not a plain formula, and each shortcut tried differs at some grid sizes.
 
 The encoder layers are transformers' `Idefics2EncoderLayer` (same math and state-dict names as the remote-code
 SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run SDPA and support
@@ -11,28 +12,41 @@ gradient checkpointing through transformers' `GradientCheckpointingLayer`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
 
 
-def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_patches: int) -> torch.Tensor:
-    """`[B, max_patches]` position ids into the `side x side` table; padding slots get 0.
+@functools.lru_cache(maxsize=None)
+def _bucket_coords(n: int, side: int) -> torch.Tensor:
+    """Bucket index (0..side-1) of each of `n` patches along one axis, exactly as the remote code computes it.
 
-    Mirrors the remote code: `arange(0, 1 - 1e-6, 1/n)` in float32, bucketized against
-    `arange(1/side, 1.0, 1/side)` with `right=True`.
+    The remote code divides 1 by the int32 `tgt_sizes` element (a float32 step, not the Python float 1/n) and runs
+    `torch.arange` on the CPU (no device argument), whose float32 output comes from CPU-specific accumulation
+    (8-wide blocks from a rounded base). A Python-float step differs at n = 25, 49, 50, 55, 58; a CUDA arange
+    (float32 `i * step`) at n = 49, 58. So: the same ops, same dtypes, on the CPU, whatever the model's device.
     """
-    device = tgt_sizes.device
-    boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side, device=device)
-    out = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long, device=device)
+    step = 1 / torch.tensor(n, dtype=torch.int32)  # float32, as the remote code's `1 / tgt_sizes[i][0]`
+    coords = torch.arange(0, 1 - 1e-6, step.item(), dtype=torch.float32, device="cpu")
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, dtype=torch.float32, device="cpu")
+    return torch.bucketize(coords, boundaries, right=True)
+
+
+def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_patches: int) -> torch.Tensor:
+    """`[B, max_patches]` position ids (on `tgt_sizes.device`) into the `side x side` table; padding slots get 0.
+
+    Patch (r, c) of an h x w crop gets `bucket_h[r] * side + bucket_w[c]` (raster order), where the buckets are
+    the remote code's: `bucketize(arange(0, 1 - 1e-6, 1/n), arange(1/side, 1.0, 1/side), right=True)`, in float32
+    on the CPU (`_bucket_coords`).
+    """
+    out = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long)
     for i, (h, w) in enumerate(tgt_sizes.tolist()):
-        fh = torch.arange(0, 1 - 1e-6, 1 / h, device=device)
-        fw = torch.arange(0, 1 - 1e-6, 1 / w, device=device)
-        bh = torch.bucketize(fh, boundaries, right=True)
-        bw = torch.bucketize(fw, boundaries, right=True)
-        out[i, : h * w] = (bh[:, None] * num_patches_per_side + bw).flatten()
-    return out
+        rows, cols = _bucket_coords(h, num_patches_per_side), _bucket_coords(w, num_patches_per_side)
+        out[i, : h * w] = (rows[:, None] * num_patches_per_side + cols).flatten()
+    return out.to(tgt_sizes.device)
 
 
 class NavitEmbeddings(nn.Module):

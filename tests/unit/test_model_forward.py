@@ -1,4 +1,4 @@
-"""Forward semantics of the native model: NaViT positions, resampler attention, image placement at image_bound,
+"""Forward semantics of the native model: resampler attention, image placement at image_bound,
 vision chunking, the text-only dummy path, out-of-place placement with frozen embeddings, and compute_loss.
 
 Run: pytest tests/unit/test_model_forward.py   (seconds)
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from raytune_minicpmv.models import build_tiny, compute_loss, load_model
 from raytune_minicpmv.models import loss as loss_mod
 from raytune_minicpmv.models.resampler import ResamplerAttention
-from raytune_minicpmv.models.vision import navit_position_ids
 
 Q = 16
 
@@ -41,18 +40,6 @@ def make_batch(with_images=(True, False), length=3 * Q + 20, seed=0) -> dict:
             batch["tgt_sizes"].append(torch.zeros(0, 2, dtype=torch.int32))
             batch["image_bound"].append(torch.zeros(0, 2, dtype=torch.long))
     return batch
-
-
-def test_navit_positions_use_float_bucketing():
-    ids = navit_position_ids(torch.tensor([[70, 70], [35, 2], [25, 25]]), 70, 70 * 70)
-    assert torch.equal(ids[0], torch.arange(4900))  # full grid: identity
-    rows = ids[1, :70].reshape(35, 2)[:, 0] // 70
-    assert torch.equal(rows, torch.arange(0, 70, 2))
-    # The addendum: an integer shortcut (i * 70 // n) differs from the float32 rule at 25 patches per side.
-    float_cols = ids[2, :25]
-    int_cols = torch.arange(25) * 70 // 25
-    assert not torch.equal(float_cols, int_cols)
-    assert torch.equal(ids[2, 625:], torch.zeros(4900 - 625, dtype=torch.long))  # padding slots stay 0
 
 
 def test_resampler_attention_matches_torch_multihead_attention():
