@@ -6,9 +6,13 @@ Position ids map every patch's fractional (row, col) onto the 70x70 learned tabl
 computed with the remote code's own tensor ops on the CPU (see `navit_position_ids`), so they are identical to it on
 any device; the arithmetic is not a plain formula, and each shortcut tried differs at some grid sizes.
 
+Padded patches are masked out of the attention with transformers' mask builder for the configured implementation
+(an additive float mask for eager, bool for SDPA, a 2-D padding mask for flash-attention), so a crop gives the same
+features alone as padded in a batch.
+
 The encoder layers are transformers' `Idefics2EncoderLayer` (same math and state-dict names as the remote-code
-SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run SDPA and support
-gradient checkpointing through transformers' `GradientCheckpointingLayer`.
+SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run transformers' attention
+implementations (eager, SDPA, flash-attention; the remote code runs eager) and support gradient checkpointing through transformers' `GradientCheckpointingLayer`.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import functools
 import torch
 from torch import nn
 from transformers import Idefics2VisionConfig
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
 
 
@@ -96,13 +101,15 @@ class NavitSiglipVisionTower(nn.Module):
         if self.legacy_strip_positions:
             strip = torch.tensor([[1, n_max]] * batch, device=tgt_sizes.device)
             position_ids = navit_position_ids(strip, side, n_max)
-            mask = None
+            valid = None
         else:
             position_ids = navit_position_ids(tgt_sizes, side, n_max)
             n_valid = (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(pixel_values.device)
             valid = torch.arange(n_max, device=pixel_values.device)[None, :] < n_valid[:, None]  # [B, Nmax]
-            # Bool SDPA mask (True = attend); None when nothing is padded so SDPA can pick its fastest kernel.
-            mask = None if bool(valid.all()) else valid[:, None, None, :]
         hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device))
+        # The mask in the form the attention implementation needs (eager adds it to the scores, so a bool mask
+        # there would add 0/1 instead of masking); None when nothing is padded, so SDPA picks its fastest kernel.
+        mask = None if valid is None else create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
+                                                                    attention_mask=valid)
         hidden = self.encoder(hidden, mask)
         return self.post_layernorm(hidden)

@@ -1,4 +1,4 @@
-"""Vision position ids with the crops on a CUDA device (opt-in: run on the GPU machine only).
+"""Vision position ids and padding masks with the crops on a CUDA device (opt-in: run on the GPU machine only).
 
     python -m pytest -m gpu tests/gpu/test_vision_positions_gpu.py -q
 
@@ -55,3 +55,26 @@ def test_a_cuda_arange_would_give_other_buckets():
         if not torch.equal(on_gpu.cpu(), remote_code_buckets(size)):
             differs.append(n)
     assert differs == [49, 58]
+
+
+@pytest.mark.parametrize("attn,dtype", [("eager", torch.float32), ("sdpa", torch.float32), ("eager", torch.bfloat16),
+                                        ("sdpa", torch.bfloat16), ("flash_attention_2", torch.bfloat16)])
+def test_vision_tower_on_cuda_does_not_attend_padded_patches(attn, dtype):
+    from transformers import Idefics2VisionConfig
+
+    from raytune_minicpmv.models.vision import NavitSiglipVisionTower
+
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    config = Idefics2VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  patch_size=14, image_size=980)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = NavitSiglipVisionTower(config).to("cuda", dtype).eval()
+    short, long = torch.randn(3, 14, 12 * 14), torch.randn(3, 14, 30 * 14)
+    padded = torch.cat([short, 10 * torch.randn(3, 14, 18 * 14)], dim=-1)
+    with torch.no_grad():
+        alone = model(short[None].cuda(), torch.tensor([[3, 4]], device="cuda"))[0]
+        batched = model(torch.stack([long, padded]).cuda(), torch.tensor([[5, 6], [3, 4]], device="cuda"))[1]
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(batched[:12].float(), alone.float(), rtol=tol, atol=tol)
