@@ -1,5 +1,5 @@
 """Position embeddings, bit for bit against the remote code's recipe: the vision tower's NaViT position ids for
-EVERY patch grid up to 70 x 70.
+EVERY patch grid up to 70 x 70, and the resampler's 2D sin-cos table.
 
 The references are written here from the recipe (docs/MODELS.md, "Vision tower" and "Resampler"), not through the
 package's functions. The recipe, per axis of n patches: fractional coordinates `arange(0, 1 - 1e-6, 1/n)` with
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from raytune_minicpmv.models.resampler import Resampler, sincos_2d
 from raytune_minicpmv.models.vision import navit_position_ids
 
 SIDE = 70
@@ -101,3 +102,33 @@ def test_navit_position_ids_stay_on_the_crop_device_and_pad_with_zero():
     assert torch.equal(ids[0], torch.arange(SIDE * SIDE))  # the full grid is the identity
     assert torch.equal(ids[1, :70].reshape(35, 2)[:, 0] // SIDE, torch.arange(0, 70, 2))  # every other row
     assert torch.equal(ids[2, 625:], torch.zeros(SIDE * SIDE - 625, dtype=torch.long))
+
+
+def remote_code_sincos(dim: int, height: int, width: int) -> np.ndarray:
+    """MAE 2D sin-cos, float32 numpy as the remote code builds it; meshgrid with w first, so half 1 = column."""
+    grid_w, grid_h = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+
+    def one_axis(d, pos):
+        omega = np.arange(d // 2, dtype=np.float32)
+        omega /= d / 2.0
+        omega = 1.0 / 10000 ** omega
+        angles = np.einsum("hw,d->hwd", pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+    return np.concatenate([one_axis(dim // 2, grid_w), one_axis(dim // 2, grid_h)], axis=-1)
+
+
+@pytest.mark.parametrize("dim", [64, 3584])  # tiny test models, and MiniCPM-V 2.6's LLM width
+def test_resampler_sincos_table_is_the_remote_codes_float32_table(dim):
+    table = sincos_2d(dim, 70, 70)
+    assert table.dtype == torch.float32 and table.shape == (70, 70, dim)
+    assert np.array_equal(table.numpy(), remote_code_sincos(dim, 70, 70))  # exact: same dtype at every step
+
+
+def test_resampler_uses_the_table_and_regrows_it_exactly():
+    resampler = Resampler(num_queries=4, embed_dim=64, kv_dim=32)
+    assert torch.equal(resampler.pos_embed, torch.from_numpy(remote_code_sincos(64, 70, 70)))
+    with torch.no_grad():
+        resampler(torch.randn(1, 3 * 72, 32), torch.tensor([[3, 72]]))  # wider than the 70 x 70 cache
+    assert resampler.max_size == (70, 72)
+    assert torch.equal(resampler.pos_embed, torch.from_numpy(remote_code_sincos(64, 70, 72)))
