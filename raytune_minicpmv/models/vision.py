@@ -12,7 +12,8 @@ features alone as padded in a batch.
 
 The encoder layers are transformers' `Idefics2EncoderLayer` (same math and state-dict names as the remote-code
 SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run transformers' attention
-implementations (eager, SDPA, flash-attention; the remote code runs eager) and support gradient checkpointing through transformers' `GradientCheckpointingLayer`.
+implementations (eager, SDPA, flash-attention; the remote code runs eager) and support gradient checkpointing
+through transformers' `GradientCheckpointingLayer`.
 """
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def expected_ids(h: int, w: int, buckets, max_patches: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("reference", [remote_code_buckets, formula_buckets], ids=["remote-code-ops", "float32-formula"])
+@pytest.mark.parametrize("reference", [remote_code_buckets, formula_buckets],
+                         ids=["remote-code-ops", "float32-formula"])
 def test_navit_position_ids_match_the_reference_for_every_grid_up_to_70x70(reference):
     table = {n: reference(n) for n in SIZES}
     mismatched = []
@@ -73,7 +74,7 @@ def test_navit_position_ids_match_the_reference_for_every_grid_up_to_70x70(refer
         for w in SIZES:
             if not torch.equal(ids[w - 1], expected_ids(h, w, table.get, max_patches)):
                 mismatched.append((h, w))
-    assert mismatched == [], f"{len(mismatched)} of {SIDE * SIDE} grids differ from the reference, e.g. {mismatched[:5]}"
+    assert mismatched == [], f"{len(mismatched)} of {SIDE * SIDE} grids differ, e.g. {mismatched[:5]}"
 
 
 def test_the_two_references_agree_and_the_shortcuts_do_not():
