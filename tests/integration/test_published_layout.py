@@ -179,7 +179,8 @@ def test_tune_on_the_published_folder(paths):
     from raytune_minicpmv.tune import run_tune
 
     cfg = load_config(TUNE_YAML, [*overrides(paths), *CPU, "run.name=tune", "train.max_steps=2",
-                                  "train.eval_steps=2", "tune.search.lr=[1e-3]", "tune.search.lr_sampler=grid",
+                                  "train.eval_steps=2", "tune.grace_period=1", "tune.search.lr=[1e-3]",
+                                  "tune.search.lr_sampler=grid",
                                   "tune.num_samples=1", "tune.max_concurrent_trials=1", "merge.enabled=false"])
     summary = run_tune(cfg)
     assert summary["error"] == 0 and len(summary["rows"]) == 1 and summary["rows"][0]["steps"] == 2
