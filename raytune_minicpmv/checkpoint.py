@@ -6,7 +6,8 @@ Layout of a checkpoint directory (contract, docs/ARCHITECTURE.md)::
                         fp32 master copies, optimizer and lr-scheduler state (frozen weights excluded: they come
                         from the base checkpoint). Exact resume.
     adapter/            LoRA runs: adapter_config.json + adapter_model.safetensors (PEFT layout; fully-trained
-                        modules such as the resampler as PEFT modules_to_save). Loads with PeftModel.from_pretrained.
+                        modules such as the resampler as PEFT modules_to_save). Loads with PeftModel.from_pretrained;
+                        its auto_mapping names transformers.AutoModel, not our class (docs/MERGE.md).
     full_model/         runs without LoRA: model.safetensors with the trained tensors under checkpoint key names.
     train_state.json    step, data position (epoch, micro-batches consumed in it), tokens seen, best eval loss.
     config.yaml         the resolved run config.
@@ -49,8 +50,10 @@ def save_checkpoint(engine, model: torch.nn.Module, out_dir: str, state: TrainSt
     if rank != 0:
         return
     if is_peft(model):
+        from .lora_adapter import save_adapter
+
         # PEFT filters a full-key state dict to its adapter + modules_to_save keys and renames them.
-        model.save_pretrained(os.path.join(out_dir, ADAPTER_DIR), state_dict=trained, safe_serialization=True)
+        save_adapter(model, os.path.join(out_dir, ADAPTER_DIR), state_dict=trained)
     else:
         from safetensors.torch import save_file
 

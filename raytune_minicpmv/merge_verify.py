@@ -142,9 +142,9 @@ def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
     if (Path(model_dir) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        from .tokenizer_loading import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = load_tokenizer(model_dir)
         ids = [tok(_TEXTS[i % len(_TEXTS)])["input_ids"] for i in range(n)]
         if all(ids) and max(max(x) for x in ids) < vocab:
             return [torch.tensor([x]) for x in ids]

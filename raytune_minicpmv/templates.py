@@ -92,9 +92,9 @@ class TokenizerInfo:
 
     @classmethod
     def load(cls, path) -> "TokenizerInfo":
-        from transformers import AutoTokenizer
+        from .tokenizer_loading import load_tokenizer  # plain fast class: the official folder never prompts
 
-        return cls.wrap(AutoTokenizer.from_pretrained(str(path)))
+        return cls.wrap(load_tokenizer(path))
 
     @classmethod
     def wrap(cls, tok) -> "TokenizerInfo":

@@ -289,7 +289,7 @@ def build_engine(cfg: Config):
     fix_cuda_arch_list()
     import deepspeed
 
-    from .models import apply_trainable_policy, enable_gradient_checkpointing, load_model
+    from .models import apply_trainable_policy, enable_gradient_checkpointing, load_model_for
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # wraps Ray's group
@@ -303,7 +303,7 @@ def build_engine(cfg: Config):
         from transformers.integrations import HfDeepSpeedConfig
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference
-    model = load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     _cast_new_trainables(model, dtype)
     if cfg.model.gradient_checkpointing:

@@ -9,6 +9,13 @@ top level next to the multimodal ones (`query_num`, `slice_config`, `vision_conf
 `vision_batch_size`, `drop_vision_last_layer`, `batch_vision_input`, `version`). We keep that layout, so a config we
 save reads like the original. Our `model_type` is `raytune_minicpmv2_6` / `raytune_minicpmv2_5`, never the
 remote-code `minicpmv`, so registering with AutoConfig cannot shadow or be shadowed by `trust_remote_code` loading.
+
+Every key of the published config.json is accepted by all three entry points — `from_checkpoint_dict`,
+`from_pretrained(dir)` (PEFT calls it on the base dir when saving an adapter) and `__init__` — with the same result
+(tests/unit/test_config_round_trip.py audits every key of the real 2.6 and 2.5 files). Keys that are not stored
+as given: top-level `patch_size` (kept in `vision_config`; `patch_size` reads it back), the remote-code `auto_map`
+and `architectures: ["MiniCPMV"]` (they name code our class is not; a config we save must not point at it),
+`slice_config.model_type`, and `model_type` itself (ours).
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_VISION_CONFIG = {"hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "siglip",
                          "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14}
 DEFAULT_SLICE_CONFIG = {"patch_size": 14, "max_slice_nums": 9, "scale_resolution": 448}
+
+REMOTE_MODEL_TYPE = "minicpmv"  # the published checkpoints' model_type (their remote-code config class)
+REMOTE_ARCHITECTURES = ["MiniCPMV"]
 
 # Keys of the flat dict that are not LLM fields (dropped before building the LLM config).
 _MULTIMODAL_KEYS = {"query_num", "image_size", "drop_vision_last_layer", "batch_vision_input", "slice_config",
@@ -41,7 +51,11 @@ class MiniCPMVConfig(PreTrainedConfig):
     def __init__(self, query_num: int | None = None, image_size: int = 448, drop_vision_last_layer: bool = True,
                  batch_vision_input: bool = True, slice_config: dict | None = None, vision_config: dict | None = None,
                  use_image_id: bool = True, vision_batch_size: int = 16, slice_mode: bool = True,
-                 version: str | None = None, **kwargs):
+                 version: str | None = None, patch_size: int | None = None, **kwargs):
+        # Remote-code pointers describe the official classes, not ours: never carry them into a config we save.
+        kwargs.pop("auto_map", None)
+        if kwargs.get("architectures") == REMOTE_ARCHITECTURES:
+            kwargs.pop("architectures")
         self.query_num = query_num if query_num is not None else self.default_query_num
         self.image_size = image_size
         # The remote-code class default is True, but the real 2.5/2.6 config.json files say false: the loader warns
@@ -52,6 +66,11 @@ class MiniCPMVConfig(PreTrainedConfig):
         sc.pop("model_type", None)
         self.slice_config = {**DEFAULT_SLICE_CONFIG, **sc}
         self.vision_config = {**DEFAULT_VISION_CONFIG, **(vision_config or {})}
+        if patch_size is not None:  # 2.5/2.6 repeat it at the top level (2.0 has it only there): one source of truth
+            given = (vision_config or {}).get("patch_size")
+            if given is not None and int(given) != int(patch_size):
+                raise ValueError(f"config.json: patch_size {patch_size} differs from vision_config.patch_size {given}")
+            self.vision_config["patch_size"] = int(patch_size)
         self.use_image_id = use_image_id
         self.vision_batch_size = vision_batch_size
         self.slice_mode = slice_mode
@@ -65,11 +84,18 @@ class MiniCPMVConfig(PreTrainedConfig):
         if "drop_vision_last_layer" not in raw:
             log.warning("config.json has no drop_vision_last_layer; using the remote-code class default (true), "
                         "which runs one vision layer fewer than the checkpoint may hold")
-        for k in ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path"):
+        for k in ("model_type", "transformers_version", "_name_or_path"):
             raw.pop(k, None)
-        if "patch_size" in raw:  # 2.5 stores it at the top level as well
-            raw.setdefault("vision_config", {}).setdefault("patch_size", raw.pop("patch_size"))
         return cls(**raw)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """`from_pretrained` on a published checkpoint: its `model_type: minicpmv` is the remote-code name of the
+        config this class reads (relabelled, so transformers does not warn about a model-type mismatch)."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == REMOTE_MODEL_TYPE:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     # ---- derived configs
     @property

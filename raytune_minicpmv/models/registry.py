@@ -8,7 +8,8 @@
 remote code) loads into our native class WITHOUT `trust_remote_code`; weights come through transformers'
 `from_pretrained` (sharded safetensors with `model.safetensors.index.json`, or `pytorch_model*.bin`), and any
 missing/unexpected/mis-shaped key is one error listing them all. A checkpoint of a family we do not implement loads
-through its own remote code only when `trust_remote_code=True` (off by default), with a warning.
+through its own remote code only when `trust_remote_code=True` (off by default; a run sets it with
+`model.trust_remote_code: true`, which `load_model_for(cfg.model)` passes on), with a warning.
 """
 from __future__ import annotations
 
@@ -122,15 +123,27 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
     return model
 
 
+def load_model_for(model_cfg, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+    """`load_model` as a run config asks (config.ModelConfig): path, dtype, attn_implementation, trust_remote_code."""
+    return load_model(model_cfg.path, dtype=model_cfg.dtype if dtype is None else dtype,
+                      trust_remote_code=model_cfg.trust_remote_code,
+                      attn_implementation=model_cfg.attn_implementation)
+
+
 def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, trust_remote_code: bool):
     what = f"family {name}: {FAMILIES[name].blocked}" if name else \
         f"model_type={raw.get('model_type')!r} version={raw.get('version')!r} is not a family we implement"
     if not trust_remote_code:
         raise CheckpointError(f"{path}: {what}. Set model.trust_remote_code=true to run the checkpoint's own "
                               "Python code (only for checkpoints you trust)")
-    log.warning("%s: %s; loading it with trust_remote_code=True (its own Python code runs; checkpoint keys and "
-                "the batch contract are not checked by raytune_minicpmv)", path, what)
-    return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    log.warning("%s: %s; model.trust_remote_code=true: loading it with AutoModel.from_pretrained("
+                "trust_remote_code=True) — the checkpoint's own Python code runs, and raytune_minicpmv checks "
+                "neither its keys nor its batch contract", path, what)
+    try:
+        return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - whatever the remote code raises, say which path it was
+        raise CheckpointError(f"{path}: loading with the checkpoint's own code (model.trust_remote_code=true) failed: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def as_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -145,5 +158,5 @@ def is_native(model: torch.nn.Module) -> bool:
     return isinstance(model, MiniCPMVBase)
 
 
-__all__ = ["FAMILIES", "ModelFamily", "CheckpointError", "MiniCPMVConfig", "get_family", "load_model",
+__all__ = ["FAMILIES", "ModelFamily", "CheckpointError", "MiniCPMVConfig", "get_family", "load_model", "load_model_for",
            "detect_family", "read_config_json", "is_native", "as_torch_dtype"]

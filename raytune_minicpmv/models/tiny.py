@@ -17,6 +17,10 @@ LLM: Qwen2-7B / Llama3-8B dims); `llm_hidden`, `llm_layers`, `llm_heads` (defaul
 `vocab_size` (default: the tokenizer's length; larger pads the embedding like real checkpoints);
 `max_slice_nums` (9), `vision_batch_size` (16), `seed` (0), `dtype` (float32), `max_shard_size` ("2GB").
 Resampler heads are `llm_hidden // 128`, so keep `llm_hidden >= 128`.
+
+`layout="published"` (2.6, 2.5) writes the folder users download instead (models/published.py): the real
+config.json/tokenizer_config.json/preprocessor files with only the sizes shrunk; then only the size arguments,
+`tokenizer`, `seed` and `dtype` (float32 means "the default", bf16) apply.
 """
 from __future__ import annotations
 
@@ -55,8 +59,15 @@ def build_tiny(family: str, out_dir, *, vision: str = "tiny", llm: str = "tiny",
                vision_heads: Optional[int] = None, vision_intermediate: Optional[int] = None,
                query_num: Optional[int] = None, vocab_size: Optional[int] = None, max_slice_nums: int = 9,
                vision_batch_size: int = 16, tokenizer: Optional[str] = None, seed: int = 0,
-               dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB") -> Path:
-    """Write a complete random-weight checkpoint directory for `family` and return its path."""
+               dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB", layout: str = "native") -> Path:
+    """Write a complete random-weight checkpoint directory for `family` and return its path.
+
+    `layout="published"`: the users' layout instead (real config.json with only sizes shrunk, original tokenizer
+    config, sharded bf16 weights, remote-code placeholders): see `published.build_published`."""
+    if layout == "published":
+        return _build_published(family, out_dir, locals())
+    if layout != "native":
+        raise ValueError(f"layout={layout!r}: expected 'native' or 'published'")
     fam = get_family(family)
     fam.check_supported()
     out = Path(out_dir)
@@ -74,6 +85,20 @@ def build_tiny(family: str, out_dir, *, vision: str = "tiny", llm: str = "tiny",
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
     _write_side_files(out, fam, config, tok)
     return out
+
+
+def _build_published(family: str, out_dir, args: dict) -> Path:
+    from .published import SIZES, build_published
+
+    fixed = {"vision": "tiny", "llm": "tiny", "query_num": None, "vocab_size": None, "max_slice_nums": 9,
+             "vision_batch_size": 16, "max_shard_size": "2GB"}
+    changed = [k for k, v in fixed.items() if args[k] != v]
+    if changed:
+        raise ValueError(f"build_tiny(layout='published'): {', '.join(changed)} cannot be set (the published "
+                         "layout keeps the real config.json's values; only the sizes in published.SIZES shrink)")
+    dtype = torch.bfloat16 if args["dtype"] == torch.float32 else args["dtype"]  # the real weights are bf16
+    return build_published(family, out_dir, tokenizer=args["tokenizer"], seed=args["seed"], dtype=dtype,
+                           **{k: args[k] for k in SIZES})
 
 
 def _config_fields(family: str, vision: str, llm: str, args: dict, tokenizer_len: int) -> dict:
