@@ -12,7 +12,7 @@ What is measured, per setting (all from what the DRIVER sees):
   `logging_steps`) when it reaches the driver's stdout; wall s/step = (t(last report) − t(first report at or after
   step `--skip`)) / (steps between). It contains everything a step costs a user (data wait, reports, logging,
   the Ray report round trip) and none of the fixed start-up (Ray, workers, model load, first steps) or the final
-  save. Ray forwards worker output with ~0.1 s latency, so windows are kept ≥ 15 s long.
+  evaluation and save (the report at max_steps is left out). Ray forwards worker output with ~0.1 s latency, so windows are kept ≥ 15 s long.
 * samples/s, real tokens/s, trained tokens/s: the counts of the same window (the worker's metrics.jsonl) over the
   driver's wall time of the window;
 * MFU = model FLOPs of the window / driver wall time / (GPUs × 989 TFLOP/s dense bf16 H200 peak); model FLOPs
@@ -58,6 +58,12 @@ SETTINGS = {
     "recommended": (["deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto", "train.micro_batch_size=8"],
                     25),
     "auto_mb2": (["deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto", "train.micro_batch_size=2"], 45),
+    "auto_mb4": (["deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto", "train.micro_batch_size=4"], 30),
+    # every weight trained (2.21 B): the full fine-tune recipe's engine choice
+    "full_recommended": (["trainable.llm=full", "trainable.embed_tokens=full", "deepspeed.zero_stage=auto",
+                          "model.gradient_checkpointing=auto", "train.micro_batch_size=8"], 25),
+    "full_zero3_ckpt_mb2": (["trainable.llm=full", "trainable.embed_tokens=full", "deepspeed.zero_stage=3",
+                             "model.gradient_checkpointing=true", "train.micro_batch_size=2"], 30),
 }
 
 
@@ -65,15 +71,16 @@ def base_config(work: Path, use_gpu: bool) -> dict:
     return {
         "run": {"name": "bench", "storage_path": str(work / "runs")},
         "ray": {"include_dashboard": False},
-        "data": {"train_path": str(work / "data" / "train.json"), "output_path": str(work / "rows"),
+        "data": {"train_path": str(work / "data" / "train.json"), "eval_path": str(work / "data" / "eval.json"),
+                 "output_path": str(work / "rows"),
                  "model_max_length": 2048, "max_slice_nums": 9, "num_cpus_per_task": 1},
         "model": {"family": "minicpmv2_6", "path": str(work / "model"), "dtype": "bf16" if use_gpu else "fp32"},
         "trainable": {"llm": "lora", "vision": "full", "resampler": "full", "embed_tokens": "frozen"},
         "lora": {"r": 64, "alpha": 64, "dropout": 0.05,
                  "target_modules": r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"},
         "optim": {"lr": 1e-5, "warmup_steps": 0},
-        "train": {"logging_steps": 5, "eval_steps": 10**6, "save_steps": 10**6, "save_total_limit": 1,
-                  "report_to": []},
+        "train": {"logging_steps": 5, "eval_steps": 10**6, "eval_max_batches": 1, "save_steps": 10**6,
+                  "save_total_limit": 1, "report_to": []},
         "scaling": {"num_workers": 1, "use_gpu": use_gpu, "cpus_per_worker": 12 if use_gpu else 1},
     }
 
@@ -103,7 +110,8 @@ def measure(name: str, lines, wall_s: float, metrics: list[dict], steps: int, sk
         if m:
             stamps.setdefault(int(m.group(1)), t)
     by_step = {int(m["step"]): m for m in metrics}
-    marks = sorted(s for s in stamps if s >= skip and s in by_step)
+    # the last report (max_steps) is printed after the final evaluation: it closes no training window
+    marks = sorted(s for s in stamps if skip <= s < steps and s in by_step)
     if len(marks) < 2:
         return {"setting": name, "error": f"only {len(marks)} progress lines after step {skip}"}
     first, last = marks[0], marks[-1]
@@ -164,6 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--records", type=int, default=320)
     p.add_argument("--skip", type=int, default=5, help="measure from the first report at or after this step")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=1e9, help="kill a run still going after this many seconds")
+    p.add_argument("--tokenizer", default=str(REPO / "tests" / "assets" / "minicpmv26_tokenizer"))
     p.add_argument("--cpu", action="store_true", help="CPU smoke run (tiny model, tiny steps)")
     a = p.parse_args(argv)
     t_start = time.monotonic()
@@ -173,13 +183,14 @@ def main(argv=None) -> None:
     import workload
 
     workload.write_records(work / "data", a.records)
+    workload.write_records(work / "data", 16, seed=1, split="eval")
     if a.cpu:
         from raytune_minicpmv.models import build_tiny
 
         if not (work / "model" / "config.json").exists():
-            build_tiny("minicpmv2_6", work / "model", tokenizer=str(REPO / "tests/assets/minicpmv26_tokenizer"))
+            build_tiny("minicpmv2_6", work / "model", tokenizer=a.tokenizer)
     else:
-        workload.build_model(work / "model", str(REPO / "tests" / "assets" / "minicpmv26_tokenizer"))
+        workload.build_model(work / "model", a.tokenizer)
     print(f"workload ready in {time.monotonic() - t_start:.0f} s", flush=True)
     cfg_path = work / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(work, not a.cpu)))
@@ -203,9 +214,14 @@ def main(argv=None) -> None:
         run = f"{name.replace('+', '_')}-{int(time.time())}"
         args = ["train", "--config", str(cfg_path), f"run.name={run}", "data.preprocessed=true",
                 f"train.max_steps={steps}", *overrides] + (["train.logging_steps=2"] if a.cpu else [])
-        rc, lines, wall = cli(args, env, logs / f"{name.replace('+', '_')}.log", 560)
-        row = measure(name, lines, wall, read_metrics(work, run), steps, 2 if a.cpu else a.skip) if rc == 0 else \
-            {"setting": name, "error": f"rc={rc}: " + "".join(x for _, x in lines[-5:])[-300:]}
+        left = min(560.0, a.deadline_s - (time.monotonic() - t_start))
+        rc, lines, wall = cli(args, env, logs / f"{name.replace('+', '_')}.log", left)
+        # a failure after the measured window (final eval / save) still leaves its numbers: keep both
+        row = measure(name, lines, wall, read_metrics(work, run), steps, 2 if a.cpu else a.skip)
+        if rc != 0:
+            row["rc"] = rc
+            row["error" if "error" in row else "failed_after"] = f"rc={rc}: " + "".join(
+                x for _, x in lines[-8:])[-400:]
         if name.endswith("+profile"):
             at = next((i for i, (_, x) in enumerate(lines) if "profile of" in x), len(lines))
             row["profile"] = "".join(x for _, x in lines[at:at + 20])

@@ -82,9 +82,9 @@ def _draw(path: Path, size: tuple[int, int], rng: random.Random) -> None:
     img.save(path, quality=88)
 
 
-def write_records(out: Path, n: int, seed: int = 0) -> Path:
-    """`<out>/train.json` + `<out>/images/*.jpg`: n seed-shaped records (see the module docstring)."""
-    path = out / "train.json"
+def write_records(out: Path, n: int, seed: int = 0, split: str = "train") -> Path:
+    """`<out>/<split>.json` + `<out>/images/*.jpg`: n seed-shaped records (see the module docstring)."""
+    path = out / f"{split}.json"
     if path.exists() and len(json.loads(path.read_text())) == n:
         return path
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def write_records(out: Path, n: int, seed: int = 0) -> Path:
     sizes = [s[:2] for s in IMAGE_SIZES for _ in range(s[2])]
     records = []
     for i in range(n):
-        name = f"images/{i:05d}.jpg"
+        name = f"images/{split}-{i:05d}.jpg"
         _draw(out / name, rng.choice(sizes), rng)
         turns = rng.choice((1, 2, 2, 3))
         answer_words = rng.randint(120, 190)  # ≈ 1.1 tokens a word: ≈ 175 trained tokens with the turn ends
@@ -101,7 +101,7 @@ def write_records(out: Path, n: int, seed: int = 0) -> Path:
             question = _text(rng, rng.randint(3, 9)).rstrip(".") + "?"
             conv.append({"role": "user", "content": ("<image>\n" if t == 0 else "") + question})
             conv.append({"role": "assistant", "content": _text(rng, max(4, answer_words // turns))})
-        records.append({"id": f"bench-{i:05d}", "image": name, "conversations": conv})
+        records.append({"id": f"{split}-{i:05d}", "image": name, "conversations": conv})
     path.write_text(json.dumps(records))
     return path
 
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     out = Path(a.out)
     os.makedirs(out, exist_ok=True)
-    print("records:", write_records(out / "data", a.records), flush=True)
+    print("records:", write_records(out / "data", a.records), write_records(out / "data", 16, 1, "eval"), flush=True)
     if not a.no_model:
         print("model:", build_model(out / "model", a.tokenizer), flush=True)
 
