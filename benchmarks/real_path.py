@@ -138,8 +138,16 @@ def measure(name: str, lines, wall_s: float, metrics: list[dict], steps: int, sk
 def _engine_line(lines) -> str:
     for _, line in lines:
         if "engine choice:" in line:
-            return line.split("engine choice:", 1)[1].split("(budget")[0].strip()
+            choice = line.split("engine choice:", 1)[1].split("(budget")[0].strip()
+            return choice.replace("gradient_checkpointing=", "ckpt=")
     return ""
+
+
+def _drop_checkpoints(run_dir: Path) -> None:
+    import shutil
+
+    for d in run_dir.glob("checkpoint_*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def read_metrics(work: Path, run: str) -> list[dict]:
@@ -154,6 +162,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             out.append(f"{r['setting']:<17}ERROR {r['error'][:100]}")
+            continue
+        if "wall_s_per_step" not in r:  # a profiled run: its summary
+            out.append(f"{r['setting']:<17}" + (r.get("profile") or "no profile summary").strip())
             continue
         out.append(f"{r['setting']:<17}{r['engine'][:25]:<26}{r['wall_s_per_step']:>12.3f}{r['own_step_s']:>7.3f}"
                    f"{r['samples_per_s']:>10.2f}{r['tokens_per_s']:>8.0f}{r['trained_tokens_per_s']:>10.0f}"
@@ -222,9 +233,10 @@ def main(argv=None) -> None:
             row["rc"] = rc
             row["error" if "error" in row else "failed_after"] = f"rc={rc}: " + "".join(
                 x for _, x in lines[-8:])[-400:]
-        if name.endswith("+profile"):
+        if name.endswith("+profile"):  # a profiled run is not timed (the profiler syncs every step)
             at = next((i for i, (_, x) in enumerate(lines) if "profile of" in x), len(lines))
-            row["profile"] = "".join(x for _, x in lines[at:at + 20])
+            row = {"setting": name, "profile": "".join(x for _, x in lines[at:at + 20])}
+        _drop_checkpoints(work / "runs" / run)  # a full fine-tune's checkpoint is ~35 GB: keep the disk free
         rows.append(row)
         with open(a.out, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -101,9 +101,13 @@ def summarize(prof, top: int = 15) -> str:
 
 
 def _is_device(e) -> bool:
+    """A kernel or copy on the GPU; not the profiler's own step annotations (`ProfilerStep#N`), which kineto also
+    puts on the GPU timeline spanning the whole step (counting them reads as 0 % idle)."""
     from torch.autograd import DeviceType
 
-    return getattr(e, "device_type", None) == DeviceType.CUDA
+    if getattr(e, "device_type", None) != DeviceType.CUDA:
+        return False
+    return not (getattr(e, "is_user_annotation", False) or e.name.startswith("ProfilerStep"))
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

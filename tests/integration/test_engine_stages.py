@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
         dist.destroy_process_group()
 
 
-def run_steps(ckpt, batches, *overrides):
+def run_steps(ckpt, batches, *overrides, steps=2):
     from raytune_minicpmv.train import build_engine, train_step
 
     cfg = load_config(None, [f"model.path={ckpt}", "scaling.use_gpu=false", "model.dtype=fp32",
@@ -44,7 +44,7 @@ def run_steps(ckpt, batches, *overrides):
                       check_paths=False)
     engine, model = build_engine(cfg)
     it = itertools.cycle(batches)
-    losses = [train_step(engine, it, cfg, world=1)[0] for _ in range(2)]
+    losses = [train_step(engine, it, cfg, world=1)[0] for _ in range(steps)]
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return losses, trained, engine
 
@@ -67,3 +67,15 @@ def test_auto_picks_zero0_without_recompute_for_a_model_that_fits(setup, capsys)
     _, _, engine = run_steps(ckpt, batches)  # the defaults: zero_stage=auto, gradient_checkpointing=auto
     assert engine.zero_optimization_stage() == 0
     assert "engine choice: ZeRO-0, gradient_checkpointing=false" in capsys.readouterr().out
+
+
+def test_profile_writes_a_trace_and_prints_the_summary(setup, capsys, tmp_path):
+    from raytune_minicpmv.profiling import WARMUP_STEPS
+
+    ckpt, batches = setup
+    run_steps(ckpt, batches, "deepspeed.zero_stage=0", "train.profile_steps=1", f"run.storage_path={tmp_path}",
+              "run.name=prof", "train.max_steps=8", steps=WARMUP_STEPS + 2)
+    out = capsys.readouterr().out
+    assert f"profile of 1 steps: trace {tmp_path}/prof/profile/trace_rank0.json" in out
+    assert "top CPU operators (self time):" in out  # CPU: no kernels, the operators instead
+    assert (tmp_path / "prof" / "profile" / "trace_rank0.json").stat().st_size > 1000

@@ -135,3 +135,17 @@ def test_per_tower_checkpointing_flags_one_tower_and_keeps_gradients(tmp_path, m
     assert grads[False].keys() == grads[mode].keys()
     for n in grads[False]:
         torch.testing.assert_close(grads[mode][n], grads[False][n], rtol=1e-5, atol=1e-6)
+
+
+def test_union_length_counts_overlapping_kernels_once():
+    from raytune_minicpmv.profiling import union_length
+
+    assert union_length([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert union_length([]) == 0
+
+
+def test_train_profile_flag_parses():
+    from raytune_minicpmv.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--config", "c.yaml", "--profile", "a.b=1"]).profile is True
+    assert build_parser().parse_args(["train", "--config", "c.yaml"]).profile is False
