@@ -123,7 +123,8 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train retries of the worker group, resuming from the last checkpoint
     fail_at_step: Optional[int] = None  # test hook: raise once at this step to exercise resume
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, mlflow, wandb
-    # > 0: torch-profile this many optimizer steps (after 3 warm-up steps) on every rank; rank 0 prints the top
+    # > 0: torch-profile this many engine steps (micro-batches; = optimizer steps without accumulation) after 3
+    # warm-up steps on every rank; rank 0 prints the top
     # kernels and the GPU idle %, each rank writes <run dir>/profile/trace_rank<R>.json (`train --profile`)
     profile_steps: int = 0
 
