@@ -12,7 +12,8 @@ What is measured, per setting (all from what the DRIVER sees):
   `logging_steps`) when it reaches the driver's stdout; wall s/step = (t(last report) − t(first report at or after
   step `--skip`)) / (steps between). It contains everything a step costs a user (data wait, reports, logging,
   the Ray report round trip) and none of the fixed start-up (Ray, workers, model load, first steps) or the final
-  evaluation and save (the report at max_steps is left out). Ray forwards worker output with ~0.1 s latency, so windows are kept ≥ 15 s long.
+  evaluation and save (the report at max_steps is left out). Ray forwards worker output with ~0.1 s latency,
+  so windows are kept ≥ 15 s long.
 * samples/s, real tokens/s, trained tokens/s: the counts of the same window (the worker's metrics.jsonl) over the
   driver's wall time of the window;
 * MFU = model FLOPs of the window / driver wall time / (GPUs × 989 TFLOP/s dense bf16 H200 peak); model FLOPs

@@ -6,7 +6,7 @@ Model (`build_model`): SigLIP-400M vision tower at its real dims (1152 hidden, 2
 the resampler at 2.6's (64 queries), and a Qwen2-1.5B-dims LLM (1536 hidden, 28 layers, 12 heads, 2 KV heads,
 8960 MLP) with the real 2.6 tokenizer (151,666 tokens), random bf16 weights, built with `models.build_tiny`.
 
-Records (`write_records`): the shape of the seed data — one JPEG per record, 640×480 … 1344×1344 (⇒ ≈ 6.8 crops
+Records (`write_records`): the shape of the seed data — one JPEG per record, 640×480 … 1344×1344 (≈ 6.8 crops
 with 2.6's slicing at max_slice_nums 9), 1-3 user/assistant turns with English-like text, ≈ 660 tokens and
 ≈ 175 trained (assistant) tokens per sample. Images are smooth gradients with shapes and a little noise, so the
 JPEGs decode like photos (not like flat colours). Same `seed` ⇒ byte-identical files.
