@@ -1,7 +1,7 @@
 """The command line: parse, load the config, call one library entry function. Nothing else lives here.
 
     raytune-minicpmv preprocess --config configs/demo.yaml [key.path=value ...]
-    raytune-minicpmv train      --config configs/minicpmv26_lora.yaml [overrides]
+    raytune-minicpmv train      --config configs/minicpmv26_lora.yaml [--profile] [overrides]
     raytune-minicpmv tune       --config configs/minicpmv26_tune.yaml [overrides]
     raytune-minicpmv merge      --base CKPT --adapter ADAPTER_DIR --out OUT [--dtype bf16]
     raytune-minicpmv submit     [--address URL] [--follow] -- <raytune-minicpmv command ...>
@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ("train", "one training run (Ray Train + DeepSpeed)"),
                         ("tune", "learning-rate search with ASHA, then merge the best trial"),
                         ("validate", "load and validate a config, print it resolved")]:
-        _add_config_args(sub.add_parser(name, help=help_))
+        sp = sub.add_parser(name, help=help_)
+        _add_config_args(sp)
+        if name == "train":
+            sp.add_argument("--profile", action="store_true",
+                            help="torch-profile 5 steps (train.profile_steps=N for another count): a trace file, "
+                                 "the top kernels and the GPU idle %%")
     m = sub.add_parser("merge", help="merge a LoRA adapter (+ fully trained modules) into a base checkpoint")
     m.add_argument("--base", required=True)
     m.add_argument("--adapter", required=True)
@@ -82,7 +87,9 @@ def _dispatch(args) -> int:
     if cmd == "train":
         from .train import run_train
 
-        run_train(load_config(args.config, args.overrides))
+        profile = ["train.profile_steps=5"] if args.profile and not any(
+            o.startswith("train.profile_steps=") for o in args.overrides) else []
+        run_train(load_config(args.config, [*args.overrides, *profile]))
         return 0
     if cmd == "tune":
         from .tune import run_tune

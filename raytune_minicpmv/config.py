@@ -71,7 +71,9 @@ class ModelConfig:
     path: str = ""  # checkpoint directory (config.json + safetensors + tokenizer)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     trust_remote_code: bool = False  # only for checkpoints of families we do not implement natively
-    gradient_checkpointing: bool = True
+    # true | false | vision | llm (checkpoint only that tower's layers) | auto: the cheapest that fits the card,
+    # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
+    gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
@@ -121,11 +123,18 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train retries of the worker group, resuming from the last checkpoint
     fail_at_step: Optional[int] = None  # test hook: raise once at this step to exercise resume
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, mlflow, wandb
+    # > 0: torch-profile this many engine steps (micro-batches; = optimizer steps without accumulation) after 3
+    # warm-up steps on every rank; rank 0 prints the top
+    # kernels and the GPU idle %, each rank writes <run dir>/profile/trace_rank<R>.json (`train --profile`)
+    profile_steps: int = 0
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: Literal[2, 3] = 3
+    # 0 (plain data parallel), 1 (optimizer state partitioned), 2 (+ gradients), 3 (+ parameters), or auto: the
+    # lowest stage whose estimated memory fits memory_fraction of the card (printed with the estimate)
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    memory_fraction: float = 0.85  # auto choices: use at most this fraction of the card's (or host's) memory
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
     overlap_comm: bool = True
@@ -483,8 +492,12 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
         need(r in ("tensorboard", "mlflow", "wandb"), f"train.report_to: {r!r} is not tensorboard, mlflow or wandb")
     # deepspeed
     ds = cfg.deepspeed
-    need(not (ds.offload_param == "cpu" and ds.zero_stage != 3),
-         "deepspeed.offload_param: parameter offload needs zero_stage 3")
+    need(not (ds.offload_param == "cpu" and ds.zero_stage not in (3, "auto")),
+         "deepspeed.offload_param: parameter offload needs zero_stage 3 (or auto)")
+    need(not (ds.offload_optimizer == "cpu" and ds.zero_stage in (0, 1)),
+         "deepspeed.offload_optimizer: needs zero_stage 2, 3 or auto")
+    need(0.1 <= ds.memory_fraction <= 1.0, "deepspeed.memory_fraction: must be in [0.1, 1]")
+    need(tr.profile_steps >= 0, "train.profile_steps: must be >= 0 (0: no profile)")
     need(not (m.dtype == "fp16" and not cfg.scaling.use_gpu), "model.dtype: fp16 needs GPUs; use bf16 or fp32 on CPU")
     need(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold: must be >= 0")
     need(ds.reduce_bucket_size > 0, "deepspeed.reduce_bucket_size: must be > 0")

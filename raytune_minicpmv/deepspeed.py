@@ -1,7 +1,7 @@
 """DeepSpeed wiring: the engine config, the optimizer and the learning-rate schedule, all from our typed config.
 
     from raytune_minicpmv.deepspeed import build_ds_config, build_optimizer, build_lr_scheduler
-    ds_cfg = build_ds_config(cfg)                     # dict for deepspeed.initialize / zero.Init
+    ds_cfg = build_ds_config(cfg)                     # dict for deepspeed.initialize / zero.Init (stage 0-3)
     opt = build_optimizer(model, cfg)                 # torch AdamW (fused on CUDA) or DeepSpeedCPUAdam with offload
     sched = build_lr_scheduler(opt, cfg)              # torch LambdaLR: the schedule the config names
 
@@ -43,8 +43,16 @@ def torch_dtype(cfg: Config) -> torch.dtype:
 
 
 def build_ds_config(cfg: Config) -> dict:
-    """The DeepSpeed config dict: ZeRO stage, offload, precision, clipping, batch sizes. No optimizer/scheduler."""
+    """The DeepSpeed config dict: ZeRO stage, offload, precision, clipping, batch sizes. No optimizer/scheduler.
+
+    `zero_stage: auto` must be resolved first (`engine_plan.plan_engine(...).apply(cfg)`, done by build_engine).
+    Stage 0 is plain data parallelism (gradients all-reduced; bf16 keeps fp32 master weights in DeepSpeed's
+    mixed-precision optimizer), 1 partitions the optimizer state, 2 the gradients too, 3 the parameters too.
+    """
     ds, tr = cfg.deepspeed, cfg.train
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage={ds.zero_stage!r}: resolve 'auto' with engine_plan.plan_engine "
+                         "before building the DeepSpeed config")
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,

@@ -74,8 +74,6 @@ def check_driver(cfg: Config) -> None:
             __import__(module)
         except ImportError:
             problems.append(f"train.report_to: {backend} is not installed (pip install {module}, or drop it)")
-    if cfg.deepspeed.offload_optimizer == "cpu" and cfg.deepspeed.zero_stage not in (2, 3):
-        problems.append("deepspeed.offload_optimizer: needs zero_stage 2 or 3")
     if problems:
         raise ConfigError(problems)
 
@@ -285,17 +283,32 @@ def worker_config(config_dict: dict) -> Config:
 
 
 def build_engine(cfg: Config):
-    """Model (ZeRO-3: materialized partitioned under zero.Init), trainable policy, optimizer, schedule, engine."""
+    """Model (ZeRO-3: materialized partitioned under zero.Init), trainable policy, optimizer, schedule, engine.
+
+    `deepspeed.zero_stage` / `model.gradient_checkpointing` = auto are resolved first (engine_plan: the cheapest
+    choice whose memory estimate fits the card); rank 0 prints the estimate and the choice.
+    """
     fix_cuda_arch_list()
     import deepspeed
+    import torch.distributed as dist
 
+    from .engine_plan import local_capacity_bytes, plan_engine
     from .models import apply_trainable_policy, enable_gradient_checkpointing, load_model_for
+    from .profiling import attach_profiler
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")  # wraps Ray's group
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # the smallest card of the group decides, so every rank makes the same choice
+    capacity = all_reduce(torch.tensor([local_capacity_bytes(cfg.scaling.use_gpu, _local_workers(cfg))],
+                                       dtype=torch.float64), _comm_device(cfg), op=dist.ReduceOp.MIN)
+    plan = plan_engine(cfg, world, int(capacity.item()))
+    _log(rank, plan.describe())
+    cfg = plan.apply(cfg)
     ds_cfg = build_ds_config(cfg)
     dtype = torch_dtype(cfg)
     global _HF_DS_CONFIG
+    _HF_DS_CONFIG = None
     if cfg.deepspeed.zero_stage == 3:
         # While this object is alive, transformers' from_pretrained (inside load_model) builds the model under
         # deepspeed.zero.Init — every parameter is partitioned as it is created, so no rank ever holds the whole
@@ -306,12 +319,22 @@ def build_engine(cfg: Config):
     model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     _cast_new_trainables(model, dtype)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)  # non-reentrant, vision and LLM layers
+    enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
         optimizer, cfg), config=ds_cfg)
+    attach_profiler(engine, cfg, rank)  # train.profile_steps > 0 only
     return engine, model
+
+
+def _comm_device(cfg: Config):
+    return torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _local_workers(cfg: Config) -> int:
+    """CPU runs share the host's memory between the workers on it (LOCAL_WORLD_SIZE from Ray Train / torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", cfg.scaling.num_workers))
 
 
 def _cast_new_trainables(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -110,8 +110,14 @@ def format_parameter_table(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def enable_gradient_checkpointing(model: nn.Module, base: Optional[nn.Module] = None) -> None:
-    """Non-reentrant activation checkpointing in both towers (vision encoder layers and LLM decoder layers)."""
+def enable_gradient_checkpointing(model: nn.Module, base: Optional[nn.Module] = None, mode=True) -> None:
+    """Non-reentrant activation checkpointing of the vision encoder layers and/or the LLM decoder layers.
+
+    `mode`: True (both towers), "vision" (only `vpm` layers: the activation hog of image-heavy data), "llm" (only
+    the decoder layers), False (nothing). Layers of the other tower keep their activations (no recompute).
+    """
+    if mode is False:
+        return
     base = base or (model.get_base_model() if hasattr(model, "get_base_model") else model)
     fn = getattr(base, "activation_checkpointing_enable", None)
     kwargs = {"use_reentrant": False}
@@ -119,3 +125,11 @@ def enable_gradient_checkpointing(model: nn.Module, base: Optional[nn.Module] = 
         fn(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode is True:
+        return
+    if mode not in ("vision", "llm"):
+        raise ValueError(f"gradient checkpointing mode {mode!r}: expected true, false, 'vision' or 'llm'")
+    off = "llm" if mode == "vision" else "vpm"  # the tower that keeps its activations
+    for name, module in base.named_modules():
+        if (name == off or name.startswith(off + ".")) and getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False

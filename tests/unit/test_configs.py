@@ -41,3 +41,11 @@ def test_demo_config_is_cpu_zero3_two_workers_with_room_for_ray_data():
     assert cfg.scaling.num_workers * cfg.scaling.cpus_per_worker < cfg.ray.num_cpus
     # relative defaults resolve next to the repository (the demo's output folder)
     assert cfg.model.path.endswith("demo_out/tiny-minicpmv2_6")
+
+
+@pytest.mark.parametrize("name", ["minicpmv26_lora_recommended.yaml", "minicpmv26_full_recommended.yaml"])
+def test_recommended_recipes_let_the_engine_choose_and_never_pin_zero3(name):
+    cfg = load_config(CONFIGS[0].parent / name, check_paths=False)
+    assert cfg.deepspeed.zero_stage == "auto" and cfg.model.gradient_checkpointing == "auto"
+    assert cfg.data.preprocessed and cfg.train.micro_batch_size == 8 and cfg.train.logging_steps >= 10
+    assert cfg.trainable.llm == ("lora" if "lora" in name else "full") and cfg.trainable.vision == "full"
