@@ -4,10 +4,10 @@
     for raw in read_raw_records("data/train.jsonl"):        # RawRecord(source, index, text)
         rec = parse_record(raw)                             # Record, or raises BadRecord(file, id, reason, detail)
 
-A record: ``{"id": str, "image": str | {"<image_00>": path, ...} (optional), "conversations": [{"role":
-"user"|"assistant", "content": str}, ...], "system": str (optional)}``. Image paths are absolute or relative to the
-data file's directory. Every problem raises `BadRecord` naming the file, the record id (or its position when the id
-is unknown) and a reason code from `REASONS`, which the run report counts.
+A record: ``{"id": str, "image": str | {"<image>": path} | {"<image_00>": path, ...} (optional),
+"conversations": [{"role": "user"|"assistant", "content": str}, ...], "system": str (optional)}``. Image paths
+are absolute or relative to the data file's directory. Every problem raises `BadRecord` naming the file, the record
+id (or its position when the id is unknown) and a reason code from `REASONS`, which the run report counts.
 
 Checks made here (cheap, no image decoding): UTF-8 text (an undecodable JSONL line or a lone surrogate is one bad
 record), JSON syntax, the schema (a non-empty string or integer `id`), roles user/assistant alternating and starting
