@@ -444,7 +444,11 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
         else:
             need(bool(d.train_path), "data.train_path: required (a JSON, JSONL or Parquet file)")
             need(not d.train_path or _exists(d.train_path), f"data.train_path: {d.train_path} does not exist")
+            need(not d.train_path or not _is_dir(d.train_path),
+                 f"data.train_path: {d.train_path} is a directory; give one .json, .jsonl or .parquet file")
         need(d.eval_path is None or _exists(d.eval_path), f"data.eval_path: {d.eval_path} does not exist")
+        need(d.eval_path is None or not _is_dir(d.eval_path),
+             f"data.eval_path: {d.eval_path} is a directory; give one .json, .jsonl or .parquet file")
         need(d.tokenizer_path is None or _exists(d.tokenizer_path),
              f"data.tokenizer_path: {d.tokenizer_path} does not exist")
     # model
@@ -533,6 +537,10 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
     need(mg.num_gpus >= 0, "merge.num_gpus: must be >= 0")
     return p
+
+
+def _is_dir(path: str) -> bool:
+    return not is_uri(path) and os.path.isdir(path)
 
 
 def _exists(path: str) -> bool:

@@ -9,9 +9,12 @@ Rules (documented in docs/DATA.md, "Unusual images"):
 - Transparency (RGBA, LA, PA, palette with a transparent colour) is composited on white. The official script's
   plain `convert("RGB")` keeps whatever colour hides under transparent pixels (often black); white is what viewers
   show and what documents/screenshots mean.
-- 16-bit and 32-bit integer greyscale ("I;16", "I") is scaled to 8 bits (value >> 8 for 16-bit); a plain convert
-  would clip everything above 255 to white. Float greyscale ("F") is treated as 0..1 if its maximum is <= 1, else
-  as 0..255.
+- 16-bit and 32-bit integer greyscale ("I;16", "I") is scaled to 8 bits; a plain convert would clip everything
+  above 255 to white. The range is 0..2**bits, bits = the bit length of the image's maximum but at least 16:
+  value >> (bits - 8). So 16-bit data is >> 8 as before, and an image whose values exceed 65535 keeps its maximum
+  at 128..255 (a fixed >> 24 made such images near-black). Negative values are 0.
+- Float greyscale ("F"): 0..1 when its maximum is <= 1, 0..255 when <= 255, else 0..2**bits(max) (the smallest
+  power of two above the maximum maps to 256). NaN, infinities and negative values are 0.
 - CMYK, YCbCr, LAB, 1-bit and greyscale go through PIL's conversion to RGB.
 An unreadable, truncated or non-image file raises ImageLoadError (the pipeline turns it into a bad record).
 """
@@ -55,13 +58,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode == "RGB":
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.int64)
-        shift = 8 if mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 24
-        return Image.fromarray(np.clip(arr >> shift, 0, 255).astype(np.uint8), "L").convert("RGB")
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, None)
+        return _grey(arr >> _shift(int(arr.max(initial=0))))
     if mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+        arr = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0, None)
+        top = float(arr.max(initial=0.0))
+        if top <= 1.0:
+            return _grey(np.rint(arr * 255.0))
+        if top <= 255.0:
+            return _grey(np.rint(arr))
+        return _grey(np.floor(arr / 2.0 ** _shift(int(np.ceil(top)), min_bits=9)))
     if mode == "P" and "transparency" in im.info or mode in ("PA", "LA", "La", "RGBa"):
         im = im.convert("RGBA")
         mode = "RGBA"
@@ -70,3 +76,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background.paste(im, mask=im.getchannel("A"))
         return background
     return im.convert("RGB")
+
+
+def _shift(top: int, min_bits: int = 16) -> int:
+    # The right shift that maps [0, 2**bits) to [0, 256), bits = the bit length of the maximum, at least min_bits.
+    return max(min_bits, top.bit_length()) - 8
+
+
+def _grey(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")

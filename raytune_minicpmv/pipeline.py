@@ -5,11 +5,12 @@
     it = shard.iter_torch_batches(batch_size=2, collate_fn=collate)   # in the train worker
 
 The story of `run_preprocess`: start/join Ray -> read the model-side constants (query_num, slicing, llm_type) and
-the tokenizer path -> per split: the driver reads and checks every record (cheap: JSON, schema, roles, tags, files
-exist; one error lists every problem when on_bad_record=error) -> Ray Data decodes, slices, templates and tokenizes
-in actors (`compute=ActorPoolStrategy`, `data.num_cpus_per_task` each, the tokenizer loaded once per actor) -> rows
-are written as Parquet to a temporary dir, the small report columns are read back, the skip cap is checked, and the
-dir is renamed into place -> `report.json` is written last (its presence means "done"; tune reuses it).
+the tokenizer path -> per split: the driver reads and checks every record (cheap: UTF-8, JSON, schema, unique ids,
+roles, tags, files exist; one error lists every problem when on_bad_record=error) -> Ray Data decodes, slices,
+templates and tokenizes in actors (`compute=ActorPoolStrategy`, `data.num_cpus_per_task` each, the tokenizer loaded
+once per actor) -> rows are written as Parquet to a temporary dir, the small report columns are read back, the split
+must keep a record and stay under the skip cap, and the dir is renamed into place -> `report.json` is written last
+(its presence means "done"; tune reuses it). A split that fails leaves `report.failed.json` instead.
 
 Skipped records are kept in the Parquet as tombstone rows (empty tensors + `skip_reason`), so the report can name
 them and nothing is lost silently; `build_dataset` filters them out.
@@ -27,7 +28,7 @@ import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, is_uri, join_uri, resolve_llm_type
-from .records import REASONS, BadDataError, BadRecord, RawRecord, parse_record, read_raw_records
+from .records import REASONS, BadDataError, BadRecord, RawRecord, read_raw_records, validate_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
 from .templates import ModelSpec, TokenizerInfo, model_spec_from_config
 
@@ -40,8 +41,20 @@ REPORT_COLUMNS = ["id", "source", "num_images", "crops_per_image", "num_tokens",
 SMALL_CPU = 0.05
 
 
-class SkipCapError(ValueError):
+class SplitError(ValueError):
+    """A split cannot be used; `stats` is its report (also written to report.failed.json)."""
+
+    def __init__(self, message: str, stats: Optional[dict] = None):
+        super().__init__(message)
+        self.stats = stats
+
+
+class SkipCapError(SplitError):
     """on_bad_record=skip dropped more than data.max_skip_fraction of a split."""
+
+
+class EmptySplitError(SplitError):
+    """A split has no usable record (an empty file, or every record bad)."""
 
 
 class Collate(NumpyBatchCollateFn):
@@ -74,19 +87,33 @@ class Preprocessor:
 
 
 def run_preprocess(cfg: Config) -> dict:
-    """Preprocess train (+ eval) into Parquet under `cfg.data_output_path`, write report.json, return the report."""
+    """Preprocess train (+ eval) into Parquet under `cfg.data_output_path`, write report.json, return the report.
+
+    A split that cannot be used (every record bad, an empty file, the skip cap) raises a SplitError after writing
+    the report so far to `report.failed.json`; `report.json` is written only when every split succeeded.
+    """
     from .cluster import check_storage, init_ray
 
     init_ray(cfg)
     check_storage(cfg)  # multi-node: the Parquet output must be visible from every node
     spec, tokenizer_path = model_side(cfg)
     out = cfg.data_output_path
+    done, failed = join_uri(out, "report.json"), join_uri(out, "report.failed.json")
+    for stale in (done, failed):  # an old report must not vouch for (or against) this run's output
+        _remove_file(stale)
     report = {"output_path": out, "model_spec": spec.__dict__, "tokenizer_path": tokenizer_path,
               "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {}}
     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
-        if path:
-            report["splits"][split] = _preprocess_split(cfg, spec, tokenizer_path, path, join_uri(out, split))
-    _write_json(join_uri(out, "report.json"), report)  # last: its presence means the output is complete
+        if not path:
+            continue
+        try:
+            report["splits"][split] = _preprocess_split(cfg, spec, tokenizer_path, split, path, join_uri(out, split))
+        except SplitError as e:
+            report["splits"][split], report["error"] = e.stats, str(e)
+            _write_json(failed, report)
+            print(format_report(report), flush=True)
+            raise
+    _write_json(done, report)  # last: its presence means the output is complete
     print(format_report(report), flush=True)
     return report
 
@@ -117,7 +144,8 @@ def build_dataset(cfg: Config, split: str = "train"):
         return None
     spec, tokenizer_path = model_side(cfg)
     raws, bad = read_and_check(path, cfg.data.on_bad_record)
-    _check_skip_cap(len(raws) + len(bad), Counter(b.reason for b in bad), cfg, path)
+    skipped = Counter(b.reason for b in bad)
+    _check_usable(split, path, len(raws) + len(bad), len(raws), skipped, cfg)  # only what the driver can see
     return _map_rows(cfg, spec, tokenizer_path, raws, keep_skipped=False)
 
 
@@ -142,14 +170,13 @@ def model_side(cfg: Config) -> tuple[ModelSpec, str]:
 
 
 def read_and_check(path: str, on_bad_record: str) -> tuple[list[RawRecord], list[BadRecord]]:
-    """Driver-side checks of every record. Error mode: raise one BadDataError listing every bad record."""
+    """Driver-side checks of every record (and unique ids). Error mode: one BadDataError listing every bad record."""
     raws, bad = [], []
-    for raw in read_raw_records(path):
-        try:
-            parse_record(raw)
+    for raw, _, error in validate_records(read_raw_records(path)):
+        if error is None:
             raws.append(raw)
-        except BadRecord as e:
-            bad.append(e)
+        else:
+            bad.append(error)
     if bad and on_bad_record == "error":
         raise BadDataError(bad)
     for b in bad:
@@ -180,26 +207,29 @@ def _map_rows(cfg: Config, spec: ModelSpec, tokenizer_path: str, raws: list[RawR
     return ds
 
 
-def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, path: str, dest: str) -> dict:
+def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, split: str, path: str, dest: str) -> dict:
     t0 = time.perf_counter()
     raws, bad = read_and_check(path, cfg.data.on_bad_record)
     log.info("%s: %d records pass the driver checks, %d rejected; preprocessing on Ray Data", path, len(raws),
              len(bad))
     tmp = dest.rstrip("/") + ".tmp"
     _remove(tmp)
-    ds = _map_rows(cfg, spec, tokenizer_path, raws, keep_skipped=True)
+    records_in = len(raws) + len(bad)
     try:
-        ds.write_parquet(tmp, ray_remote_args={"num_cpus": SMALL_CPU})
-    except Exception as e:  # noqa: BLE001 - surface a BadRecord from inside Ray's wrapper as itself
-        bad_record = _find_bad_record(e)
-        if bad_record is None:
-            raise
-        raise bad_record from e
-    seconds = time.perf_counter() - t0
-    stats = split_stats(tmp, bad, len(raws) + len(bad), seconds)
-    try:
-        _check_skip_cap(stats["records_in"], Counter(stats["skipped"]), cfg, path)
-    except SkipCapError:
+        # what the driver already knows fails before any Ray work (an empty split, or the cap already exceeded)
+        _check_usable(split, path, records_in, len(raws), Counter(b.reason for b in bad), cfg)
+        ds = _map_rows(cfg, spec, tokenizer_path, raws, keep_skipped=True)
+        try:
+            ds.write_parquet(tmp, ray_remote_args={"num_cpus": SMALL_CPU})
+        except Exception as e:  # noqa: BLE001 - surface a BadRecord from inside Ray's wrapper as itself
+            bad_record = _find_bad_record(e)
+            if bad_record is None:
+                raise
+            raise bad_record from e
+        stats = split_stats(tmp, bad, records_in, time.perf_counter() - t0)
+        _check_usable(split, path, records_in, stats["records_out"], Counter(stats["skipped"]), cfg)
+    except SplitError as e:
+        e.stats = split_stats(tmp, bad, records_in, time.perf_counter() - t0)
         _remove(tmp)
         raise
     _remove(dest)
@@ -238,10 +268,15 @@ def split_stats(parquet_dir: str, driver_bad: list[BadRecord], records_in: int, 
     }
 
 
-def _check_skip_cap(records_in: int, skipped: Counter, cfg: Config, path: str) -> None:
+def _check_usable(split: str, path: str, records_in: int, records_out: int, skipped: Counter, cfg: Config) -> None:
+    """A split must keep at least one record, and (skip mode) lose at most data.max_skip_fraction of them."""
     n = sum(skipped.values())
+    detail = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+    if records_out == 0:
+        why = "the file holds no records" if records_in == 0 else f"all {records_in} records are bad ({detail})"
+        raise EmptySplitError(f"data.{split}_path: {path}: the {split} split has no usable record: {why}; fix the "
+                              "data (the report lists the skipped records)")
     if records_in and n / records_in > cfg.data.max_skip_fraction:
-        detail = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
         raise SkipCapError(f"{path}: {n} of {records_in} records skipped ({n / records_in:.1%}) > "
                            f"data.max_skip_fraction={cfg.data.max_skip_fraction:g} ({detail}); fix the data or "
                            "raise the cap")
@@ -257,6 +292,8 @@ def format_report(report: dict) -> str:
         lines.append(f"[{split}] {s['seconds']} s, {s['records_per_s']} records/s")
         for ex in s["skipped_examples"][:5]:
             lines.append(f"[{split}]   skipped {ex['file']}: record {ex['record']}: {ex['reason']}: {ex['detail']}")
+    if report.get("error"):
+        lines.append(f"FAILED (report.failed.json): {report['error']}")
     return "\n".join(lines)
 
 
@@ -298,6 +335,14 @@ def _remove(path: str) -> None:
         fs.delete_dir(p)
 
 
+def _remove_file(path: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def _rename(src: str, dst: str) -> None:
     fs, s = _fs(src)
     fs.move(s, _fs(dst)[1])  # a rename on local/shared filesystems; a copy on object stores
@@ -311,4 +356,5 @@ def _write_json(path: str, obj: dict) -> None:
     fs.move(p + ".tmp", p)
 
 
-__all__ = ["collate", "Collate", "build_dataset", "run_preprocess", "preprocess_for_check", "REASONS", "SkipCapError"]
+__all__ = ["collate", "Collate", "build_dataset", "run_preprocess", "preprocess_for_check", "REASONS", "SplitError",
+           "SkipCapError", "EmptySplitError"]

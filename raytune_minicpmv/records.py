@@ -4,36 +4,45 @@
     for raw in read_raw_records("data/train.jsonl"):        # RawRecord(source, index, text)
         rec = parse_record(raw)                             # Record, or raises BadRecord(file, id, reason, detail)
 
-A record: ``{"id": str, "image": str | {"<image_00>": path, ...} (optional), "conversations": [{"role":
-"user"|"assistant", "content": str}, ...], "system": str (optional)}``. Image paths are absolute or relative to the
-data file's directory. Every problem raises `BadRecord` naming the file, the record id (or its position when the id
-is unknown) and a reason code from `REASONS`, which the run report counts.
+A record: ``{"id": str, "image": str | {"<image>": path} | {"<image_00>": path, ...} (optional),
+"conversations": [{"role": "user"|"assistant", "content": str}, ...], "system": str (optional)}``. Image paths
+are absolute or relative to the data file's directory. Every problem raises `BadRecord` naming the file, the record
+id (or its position when the id is unknown) and a reason code from `REASONS`, which the run report counts.
 
-Checks made here (cheap, no image decoding): JSON syntax, the schema, roles user/assistant alternating and starting
-with user and ending with assistant, non-empty assistant turns, image tags (`<image>` only in the first user turn
-and only for a single image; every `<image_NN>` tag has a dict entry and every entry is used exactly once), no
-reserved marker strings in the text (they would corrupt the image spans), image files present.
+Checks made here (cheap, no image decoding): UTF-8 text (an undecodable JSONL line or a lone surrogate is one bad
+record), JSON syntax, the schema (a non-empty string or integer `id`), roles user/assistant alternating and starting
+with user and ending with assistant, image tags (`<image>` only in the first user turn and only for a single image;
+every `<image_NN>` tag has a dict entry and every entry is used exactly once), no reserved marker or control-token
+string in the text or `system` (they would corrupt the image spans or end a turn early), image files present.
+`validate_records` adds the split-level check: ids are unique.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 IMAGE_TAG = "<image>"
 MULTI_TAG_RE = re.compile(r"<image_\d+>")
-# Marker strings a user text must not contain: the tokenizer would turn them into the special tokens that delimit
-# image placeholders, and the image spans (image_bound) would be wrong.
-RESERVED = ("</image>", "<slice>", "</slice>", "<image_id>", "</image_id>", "<unk>")
+# Strings a text must not contain, for every model family (a record valid for one model is valid for all): the
+# tokenizer turns them into special tokens. The image markers would corrupt the image spans (image_bound); the
+# ChatML (2.6) and Llama 3 (2.5) control strings would end or open a turn inside the text and be trained as such.
+# They are rejected, not escaped: a fast tokenizer cannot encode them as plain text inside one rendered string.
+# The tokenizer's other special tokens are checked per model in the workers (templates.find_control_token).
+RESERVED = ("</image>", "<slice>", "</slice>", "<image_id>", "</image_id>", "<unk>",
+            "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+            "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 REASONS = {
+    "bad_encoding": "the record is not valid UTF-8 / Unicode text",
     "malformed_json": "the record is not valid JSON",
     "bad_schema": "a field is missing or has the wrong type",
     "bad_roles": "roles must alternate user/assistant, start with user and end with assistant",
-    "empty_content": "an assistant turn is empty",
+    "duplicate_id": "another record of the split has the same id",
     "image_tag_mismatch": "image tags in the text do not match the record's images",
     "image_tag_later_turn": "a literal <image> tag outside the first user turn",
     "reserved_marker": "the text contains a reserved marker string",
@@ -75,6 +84,7 @@ class RawRecord:
     index: int  # position in the file (0-based)
     text: str  # the record as JSON text, or "" with `error` set when the line could not be read as JSON
     error: str = ""
+    error_reason: str = "malformed_json"  # the REASONS key of `error`
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,15 @@ class Record:
 
 
 def read_raw_records(path: str | os.PathLike) -> Iterator[RawRecord]:
-    """Yield the records of a .json (array), .jsonl or .parquet file as JSON text with their position."""
+    """Yield the records of a .json (array), .jsonl or .parquet file as JSON text with their position.
+
+    Text is UTF-8; a UTF-8 byte-order mark at the start of the file is ignored (editors on Windows write one). A
+    JSONL line that is not valid UTF-8 or not valid JSON is one bad record; a .json array is one document, so any
+    such problem fails the whole file (BadRecord with record "?").
+    """
     path = str(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; a data file is one .json, .jsonl or .parquet file")
     suffix = Path(path).suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -99,12 +116,27 @@ def read_raw_records(path: str | os.PathLike) -> Iterator[RawRecord]:
                 row["image"] = _parquet_image(row["image"])
             yield RawRecord(path, i, json.dumps(row, ensure_ascii=False))
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: one undecodable line must not stop the reading of the others
             for i, line in enumerate(f):
-                if line.strip():
-                    yield _checked(path, i, line)
+                if i == 0 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield RawRecord(path, i, "", f"line {i + 1} is not valid UTF-8 (byte 0x{line[e.start]:02x} at "
+                                                 f"column {e.start + 1})", "bad_encoding")
+                    continue
+                if text.strip():
+                    yield _checked(path, i, text)
     else:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise BadRecord(path, "?", "bad_encoding",
+                            f"the file is not valid UTF-8 (byte 0x{data[e.start]:02x} on line "
+                            f"{data[:e.start].count(10) + 1}); a .json array is read as a whole: re-save it as "
+                            "UTF-8, or use .jsonl, where a bad line is one bad record") from None
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:  # one document: nothing in it is usable
@@ -146,27 +178,38 @@ def _drop_nulls(row):
     return row
 
 
+def _valid_id(value) -> bool:
+    # The official format says str; integers are common in exported data and just as unambiguous.
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def record_label(raw: RawRecord, data: object = None) -> str:
-    """How errors name a record: its id when it has one, else its position in the file."""
-    if isinstance(data, dict) and isinstance(data.get("id"), (str, int)) and str(data.get("id")):
-        return repr(str(data["id"]))
+    """How errors name a record: its id when it has a valid one, else its position in the file."""
+    if isinstance(data, dict) and _valid_id(data.get("id")):
+        return repr(str(data["id"]))  # repr: quotes, and escapes a lone surrogate so the label prints anywhere
     return f"#{raw.index} (no id)"
 
 
 def parse_record(raw: RawRecord, check_files: bool = True) -> Record:
     """Validate one raw record and return a Record with absolute image paths in text order."""
     if raw.error:
-        raise BadRecord(raw.source, f"#{raw.index} (no id)", "malformed_json", raw.error)
+        raise BadRecord(raw.source, f"#{raw.index} (no id)", raw.error_reason, raw.error)
     data = json.loads(raw.text)
     rid = record_label(raw, data)
 
     def bad(reason: str, detail: str) -> BadRecord:
         return BadRecord(raw.source, rid, reason, detail)
 
+    broken = _first_unencodable(data, "the record")
+    if broken:  # JSON allows "\ud800" escapes; such a string is not text (the tokenizer raises TypeError on it)
+        raise bad("bad_encoding", f"{broken} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair); "
+                                  "it is not valid Unicode text")
     if not isinstance(data, dict):
         raise bad("bad_schema", f"a record must be a JSON object, got {type(data).__name__}")
     if "id" not in data:
         raise bad("bad_schema", "missing 'id'")
+    if not _valid_id(data["id"]):
+        raise bad("bad_schema", f"'id' must be a non-empty string (or an integer), got {json.dumps(data['id'])}")
     conv = data.get("conversations")
     if conv is None:
         raise bad("bad_schema", "missing 'conversations'")
@@ -175,10 +218,54 @@ def parse_record(raw: RawRecord, check_files: bool = True) -> Record:
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise bad("bad_schema", "'system' must be a string")
+    for marker in (IMAGE_TAG,) + RESERVED:  # images are placed in the conversation only
+        if system and marker in system:
+            raise bad("reserved_marker", f"'system' contains {marker!r}")
     _check_roles(conv, bad)
     images = _check_images(data.get("image"), conv, raw.source, bad, check_files)
     return Record(id=str(data["id"]), source=raw.source, conversations=[dict(m) for m in conv], images=images,
                   system=system)
+
+
+def validate_records(raws: Iterable[RawRecord], check_files: bool = True
+                     ) -> Iterator[tuple[RawRecord, Optional[Record], Optional[BadRecord]]]:
+    """`parse_record` over one split, plus the split-level rule: ids are unique (a later duplicate is bad)."""
+    first_seen: dict[str, int] = {}
+    for raw in raws:
+        try:
+            rec = parse_record(raw, check_files)
+            first = first_seen.setdefault(rec.id, raw.index)
+            if first != raw.index:
+                raise BadRecord(raw.source, repr(rec.id), "duplicate_id",
+                                f"record #{first} of {raw.source} has the same id; ids must be unique in a split")
+        except BadRecord as e:
+            yield raw, None, e
+            continue
+        yield raw, rec, None
+
+
+def _first_unencodable(value, where: str) -> str:
+    """The JSON path of the first string (key or value) that is not valid UTF-8 text, or ""."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _first_unencodable(k, f"a key of {where}") or _first_unencodable(v, _join(where, k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _first_unencodable(v, f"{where}[{i}]")
+            if found:
+                return found
+    return ""
+
+
+def _join(where: str, key: str) -> str:
+    return key if where == "the record" else f"{where}.{key}"
 
 
 def _check_roles(conv: list[dict], bad) -> None:
@@ -188,12 +275,11 @@ def _check_roles(conv: list[dict], bad) -> None:
         role, content = m.get("role"), m.get("content")
         if not isinstance(content, str):
             raise bad("bad_schema", f"conversations[{i}].content must be a string")
+        # An empty or whitespace-only assistant turn is kept, as the official code keeps it: its end token is trained.
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise bad("bad_roles", f"conversations[{i}].role is {role!r}, expected {expected!r} "
                                    "(user and assistant must alternate, starting with user)")
-        if role == "assistant" and not content.strip():
-            raise bad("empty_content", f"conversations[{i}] (assistant) is empty")
         for marker in RESERVED:
             if marker in content:
                 raise bad("reserved_marker", f"conversations[{i}] contains {marker!r}")
@@ -210,6 +296,8 @@ def _check_images(image, conv: list[dict], source: str, bad, check_files: bool) 
     texts = [m["content"] for m in conv]
     tags_in_text = [t for text in texts for t in MULTI_TAG_RE.findall(text)]
     n_plain = sum(text.count(IMAGE_TAG) for text in texts)
+    if isinstance(image, dict) and list(image) == [IMAGE_TAG]:
+        image = image[IMAGE_TAG]  # {"<image>": path} is the official code's own form of a single image
     if image is None:
         if tags_in_text or n_plain:
             raise bad("image_tag_mismatch", "the text has image tags but the record has no 'image'")
@@ -238,7 +326,8 @@ def _check_images(image, conv: list[dict], source: str, bad, check_files: bool) 
             raise bad("image_tag_mismatch", f"tag {repeated[0]} appears more than once")
         ordered = {tag: image[tag] for tag in tags_in_text}  # text order decides crop order and image ids
     else:
-        raise bad("bad_schema", "'image' must be a path string or a non-empty {\"<image_NN>\": path} dict")
+        raise bad("bad_schema", "'image' must be a path string, {\"<image>\": path} or a non-empty "
+                                "{\"<image_NN>\": path} dict")
     base = os.path.dirname(os.path.abspath(source))
     resolved = {tag: p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for tag, p in ordered.items()}
     if check_files:

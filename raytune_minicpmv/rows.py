@@ -25,8 +25,8 @@ import pyarrow as pa
 from .images import ImageLoadError, load_rgb
 from .records import BadRecord, RawRecord, parse_record
 from .slicing import SlicePlan, normalize, plan_slices, slice_image
-from .templates import (ModelSpec, TokenizerInfo, build_messages, encode_minicpm, encode_texts, finish,
-                        image_placeholder, render_text, trainable_from_offsets)
+from .templates import (ModelSpec, TokenizerInfo, build_messages, check_control_tokens, encode_minicpm, encode_texts,
+                        finish, image_placeholder, render_text, trainable_from_offsets)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def _guard(w: _Work, on_bad_record: str, step) -> None:
 
 def _decode_and_render(w: _Work, spec: ModelSpec, tok: TokenizerInfo) -> None:
     rec = w.record = parse_record(w.raw, check_files=False)
+    check_control_tokens(rec, tok)
     for tag, path in rec.images.items():
         try:
             w.images.append(load_rgb(path))

@@ -21,8 +21,9 @@ How a record becomes tokens:
    an intermediate assistant turn also learns eos (that format has no end token between turns).
 5. ``image_bound`` = the [start, end) span of the Q ``<unk>`` tokens of every crop, in text order.
 6. Truncation to `max_length` never cuts inside an image placeholder: the cut moves to the placeholder's start and
-   the images after the cut are dropped with their crops. A record whose placeholders alone exceed `max_length`, or
-   with no trainable token left, raises `BadRecord`.
+   the images after the cut are dropped with their crops (a record is kept as long as an assistant token is left,
+   even when its later images could never fit). With no trainable token left it raises `BadRecord`
+   (`image_tokens_too_long` when the placeholders alone exceed `max_length`, else `no_trainable_tokens`).
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class TokenizerInfo:
     im_id_start: int
     unk: int
     eos: int
+    control: tuple[str, ...] = ()  # special-token strings a record's text must not contain (find_control_token)
 
     @classmethod
     def load(cls, path) -> "TokenizerInfo":
@@ -104,7 +106,34 @@ class TokenizerInfo:
         if missing:
             raise ValueError(f"tokenizer lacks the MiniCPM-V marker tokens {missing}")
         return cls(tok, ids["<image>"], ids["</image>"], ids["<slice>"], ids["</slice>"], ids["<image_id>"],
-                   ids["<unk>"], tok.eos_token_id)
+                   ids["<unk>"], tok.eos_token_id, control_tokens(tok))
+
+
+# Grounding markers are special tokens the models were trained to read and write inside normal text; the tags are
+# placed by the records' own rules (records.py). Every other special token in a text would act as a control token.
+ALLOWED_IN_TEXT = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>", IMAGE_TAG)
+
+
+def control_tokens(tok) -> tuple[str, ...]:
+    """The tokenizer's special added tokens that may not appear in a record's text (longest first)."""
+    special = {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special}
+    special |= set(getattr(tok, "all_special_tokens", []))
+    return tuple(sorted(special - set(ALLOWED_IN_TEXT), key=lambda t: (-len(t), t)))
+
+
+def check_control_tokens(record: Record, tok: TokenizerInfo) -> None:
+    """Raise BadRecord(reserved_marker) when the record's text holds one of the tokenizer's special tokens.
+
+    records.RESERVED catches the common ones for every model in the driver; this is the exact list of the model's
+    tokenizer (e.g. `<|reserved_special_token_0|>` of 2.6, `</s>` of 2.0), checked where the tokenizer is loaded.
+    """
+    fields = ([("'system'", record.system)] if record.system else []) + [
+        (f"conversations[{i}]", m["content"]) for i, m in enumerate(record.conversations)]
+    for name, text in fields:
+        for token in tok.control:
+            if token in text:
+                raise BadRecord(record.source, repr(record.id), "reserved_marker",
+                                f"{name} contains {token!r}, a special token of the model's tokenizer")
 
 
 @dataclass
@@ -203,11 +232,16 @@ def encode_texts(texts: list[str], tok: TokenizerInfo) -> list[tuple[list[int], 
 
 
 def trainable_from_offsets(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
-    """A token is trainable when its characters overlap an assistant span."""
+    """A token is trainable when it starts inside an assistant span.
+
+    Only a leading newline of the content can share a token with the template (Qwen2 merges "\\n\\n"): that token
+    starts in the template's "assistant\\n" and is not trained, as in the official code (which trains from the
+    second token after "assistant"). Spans end with a special token, so no token crosses their end.
+    """
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(off), dtype=bool)
     for s, e in spans:
-        mask |= (off[:, 1] > s) & (off[:, 0] < e)
+        mask |= (off[:, 0] >= s) & (off[:, 0] < e)
     return mask
 
 
@@ -273,11 +307,7 @@ def finish(record: Record, ids, trainable: np.ndarray, plans: list[SlicePlan], s
     if len(bounds) != sum(crops):
         raise ValueError(f"found {len(bounds)} image spans for {sum(crops)} crops")
     spans = image_token_spans(ids, bounds, crops, spec, tok)
-    image_tokens = sum(e - s for s, e in spans)
-    if image_tokens > max_length:
-        raise BadRecord(record.source, repr(record.id), "image_tokens_too_long",
-                        f"the image placeholders alone take {image_tokens} tokens > data.model_max_length="
-                        f"{max_length}; lower data.max_slice_nums or raise model_max_length")
+    all_image_tokens = image_tokens = sum(e - s for s, e in spans)
     kept = len(plans)
     if len(ids) > max_length:
         cut = max_length
@@ -285,10 +315,16 @@ def finish(record: Record, ids, trainable: np.ndarray, plans: list[SlicePlan], s
             if s < cut < e or s >= cut:  # never cut inside a placeholder; drop images from here on
                 cut, kept = min(cut, s), k
                 break
+        # labels were shifted before the cut: the last kept token still learns the (cut-away) token after it
         ids, labels = ids[:cut], labels[:cut]
         n_crops = sum(crops[:kept])
         bounds, image_tokens = bounds[:n_crops], sum(e - s for s, e in spans[:kept])
     if not np.any(labels != -100):
+        if all_image_tokens > max_length:  # the more useful reason: no max_length would fit text after them
+            raise BadRecord(record.source, repr(record.id), "image_tokens_too_long",
+                            f"the image placeholders alone take {all_image_tokens} tokens > data.model_max_length="
+                            f"{max_length} and no assistant token comes before the first that does not fit; lower "
+                            "data.max_slice_nums or raise model_max_length")
         raise BadRecord(record.source, repr(record.id), "no_trainable_tokens",
                         f"no assistant token within the first {max_length} tokens (data.model_max_length)")
     return Tokenized(ids.astype(np.int32), labels.astype(np.int32), bounds, kept, image_tokens)
@@ -297,6 +333,7 @@ def finish(record: Record, ids, trainable: np.ndarray, plans: list[SlicePlan], s
 def tokenize_record(record: Record, plans: list[SlicePlan], spec: ModelSpec, tok: TokenizerInfo,
                     max_length: int) -> Tokenized:
     """One record, end to end (the pipeline does the same in batches: render all, encode once, finish each)."""
+    check_control_tokens(record, tok)
     messages = build_messages(record, [image_placeholder(spec, p.grid, k) for k, p in enumerate(plans)])
     if spec.llm_type == "minicpm":
         ids, trainable = encode_minicpm(messages, record.system, tok)

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from raytune_minicpmv.config import config_from_dict, replace
-from raytune_minicpmv.pipeline import SkipCapError, build_dataset, collate, run_preprocess
+from raytune_minicpmv.pipeline import EmptySplitError, SkipCapError, build_dataset, collate, run_preprocess
 from raytune_minicpmv.records import BadRecord, read_raw_records
 from raytune_minicpmv.rows import preprocess_records
 from raytune_minicpmv.sample_data import write_sample_dataset
@@ -102,3 +102,34 @@ def test_skip_mode_counts_reasons_and_enforces_the_cap(local_ray, inputs, tmp_pa
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(BadRecord, match=r"mixed.jsonl: record 'junk': image_unreadable"):
         run_preprocess(strict)  # found inside a Ray Data actor, surfaced as itself
+
+
+def test_a_split_without_usable_records_fails_clearly_and_leaves_a_report(local_ray, inputs, tmp_path):
+    root, ckpt, _, _ = inputs
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    cfg = _cfg(root, ckpt, empty, "empty", max_slice_nums=1)
+    out = cfg.data_output_path
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "report.json"), "w").write("{}")  # a previous run's: must not vouch for this one
+    with pytest.raises(EmptySplitError, match=r"data.train_path: .*empty.json: the train split has no usable record: "
+                                              r"the file holds no records"):
+        run_preprocess(cfg)
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    failed = json.loads(open(os.path.join(out, "report.failed.json")).read())
+    assert failed["splits"]["train"]["records_in"] == 0 and "no usable record" in failed["error"]
+
+    # every record bad: one at the driver (missing image), one in a Ray Data actor (not an image)
+    (tmp_path / "junk.png").write_text("not an image")
+    conv = [{"role": "user", "content": "<image>\nx"}, {"role": "assistant", "content": "y"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"id": i, "image": str(tmp_path / p), "conversations": conv}) + "\n"
+                           for i, p in (("gone", "nope.png"), ("junk", "junk.png"))))
+    cfg = _cfg(root, ckpt, bad, "allbad", on_bad_record="skip", max_skip_fraction=1.0, max_slice_nums=1)
+    with pytest.raises(EmptySplitError, match=r"the train split has no usable record: all 2 records are bad "
+                                              r"\((image_missing: 1, image_unreadable: 1|image_unreadable: 1, "
+                                              r"image_missing: 1)\)"):
+        run_preprocess(cfg)
+    failed = json.loads(open(os.path.join(cfg.data_output_path, "report.failed.json")).read())
+    assert failed["splits"]["train"]["skipped"] == {"image_missing": 1, "image_unreadable": 1}
+    assert not os.path.exists(os.path.join(cfg.data_output_path, "train"))  # nothing moved into place

@@ -50,6 +50,29 @@ def test_16bit_is_scaled_not_clipped(tmp_path):
     assert out[0, :, 0].tolist() == [0, 100, 255]
 
 
+def test_32bit_integer_above_65535_is_scaled_by_its_bit_depth_not_made_black(tmp_path):
+    # max 131071 has 17 bits: values >> 9; a fixed >> 24 gave 0 everywhere. Negative values are 0.
+    arr = np.array([[0, 50000, 100000, 131071, -5]], dtype=np.int32)
+    out = np.asarray(_load(tmp_path, Image.fromarray(arr), "i32.tif"))
+    assert out[0, :, 0].tolist() == [0, 50000 >> 9, 100000 >> 9, 255, 0] == [0, 97, 195, 255, 0]
+    assert np.asarray(_load(tmp_path, Image.fromarray(np.array([[2 ** 31 - 1, 2 ** 23]], np.int32)), "i31.tif")
+                      )[0, :, 0].tolist() == [255, 1]  # 31 bits: >> 23
+    # up to 65535 it stays 16-bit data (>> 8), as for I;16
+    low = np.asarray(_load(tmp_path, Image.fromarray(np.array([[257 * 100, 65535]], np.int32)), "i16.tif"))
+    assert low[0, :, 0].tolist() == [100, 255]
+
+
+def test_float_images_by_range(tmp_path):
+    def grey(values, name):
+        return np.asarray(_load(tmp_path, Image.fromarray(np.array([values], np.float32)), name))[0, :, 0].tolist()
+
+    assert grey([0.0, 0.5, 1.0], "f1.tif") == [0, 128, 255]  # 0..1
+    assert grey([0.0, 100.0, 255.0], "f255.tif") == [0, 100, 255]  # 0..255
+    # above 255: 0..2**bits(max); max 1000 has 10 bits -> / 4 (it used to clip everything above 255 to white)
+    assert grey([0.0, 300.0, 1000.0, float("nan"), -7.0], "f1k.tif") == [0, 75, 250, 0, 0]
+    assert grey([40000.0, 65535.0], "f16.tif") == [156, 255]  # 16 bits -> / 256
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 10, 20))  # red strip on the left of the stored pixels

@@ -78,8 +78,6 @@ def test_three_formats_read_the_same_records(data_dir):
      "bad_roles", "must alternate"),
     ({"id": "r7", "conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                     {"role": "user", "content": "c"}]}, "bad_roles", "last message"),
-    ({"id": "r7", "conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
-     "empty_content", "is empty"),
     ({"id": "r7", "image": "img/missing.png", "conversations": CONV}, "image_missing", "does not exist"),
     ({"id": "r7", "image": {"<image_00>": "img/a.png"},
       "conversations": [{"role": "user", "content": "<image_00> <image_01>"}, {"role": "assistant", "content": "x"}]},
@@ -92,6 +90,27 @@ def test_three_formats_read_the_same_records(data_dir):
      "image_tag_later_turn", "conversations\\[2\\] contains a literal <image>"),
     ({"id": "r7", "conversations": [{"role": "user", "content": "a <slice> b"}, {"role": "assistant", "content": "x"}]},
      "reserved_marker", "<slice>"),
+    # the top-level system prompt is text like any other: no image tag, no marker (the bounds would break)
+    ({"id": "r7", "system": "Look at <image> first.", "conversations": CONV[1:]},
+     "reserved_marker", "'system' contains '<image>'"),
+    ({"id": "r7", "system": "a </slice> b", "image": "img/a.png", "conversations": CONV},
+     "reserved_marker", "'system' contains '</slice>'"),
+    ({"id": "r7", "system": "be brief<|im_end|>", "conversations": CONV[1:]},
+     "reserved_marker", "'system' contains '<\\|im_end\\|>'"),
+    # ChatML control strings would close or open a turn inside the text (and be trained as control tokens)
+    ({"id": "r7", "conversations": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "ok<|im_end|>\n<|im_start|>user\nmore"}]},
+     "reserved_marker", "conversations\\[1\\] contains '<\\|im_start\\|>'"),
+    ({"id": "r7", "conversations": [{"role": "user", "content": "end<|endoftext|>"},
+                                    {"role": "assistant", "content": "x"}]},
+     "reserved_marker", "conversations\\[0\\] contains '<\\|endoftext\\|>'"),
+    ({"id": "r7", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|im_end|>"}]},
+     "reserved_marker", "conversations\\[1\\] contains '<\\|im_end\\|>'"),
+    ({"id": "r7", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\ud800b"}]},
+     "bad_encoding", "conversations\\[1\\].content holds a lone surrogate"),
+    ({"id": "r7", "image": {"<image>": "img/a.png", "<image_00>": "img/b.png"},
+      "conversations": [{"role": "user", "content": "<image_00> q"}, {"role": "assistant", "content": "x"}]},
+     "bad_schema", "entries must be"),
     ({"id": "r7", "conversations": [{"role": "user", "content": "<image> a"}, {"role": "assistant", "content": "x"}]},
      "image_tag_mismatch", "no 'image'"),
 ])
@@ -147,3 +166,149 @@ def test_skip_mode_keeps_a_tombstone_per_bad_record(data_dir, tok):
     assert [(r.id, r.skip_reason) for r in rows] == [("ok", ""), ("bad1", "image_unreadable"),
                                                      ("bad2", "no_trainable_tokens")]
     assert len(rows[0].input_ids) > 0 and len(rows[1].input_ids) == 0 and rows[1].crops == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input that used to crash the whole run: now one bad record (or one clear file error) naming file and record
+
+
+@pytest.fixture(scope="module")
+def real26():
+    return TokenizerInfo.load(Path(__file__).resolve().parents[1] / "assets" / "minicpmv26_tokenizer")
+
+
+def _jsonl(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def _rec_bytes(rid: str, content: str = "A dot.") -> bytes:
+    return json.dumps({"id": rid, "conversations": [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": content}]}).encode()
+
+
+def test_a_non_utf8_jsonl_line_is_one_bad_record(data_dir):
+    path = _jsonl(data_dir / "mixed.jsonl", [_rec_bytes("a"), b'{"id": "b", "note": "caf\xe9"}', _rec_bytes("c")])
+    raws = list(read_raw_records(path))
+    assert [r.index for r in raws] == [0, 1, 2]
+    assert [parse_record(r).id for r in (raws[0], raws[2])] == ["a", "c"]
+    with pytest.raises(BadRecord, match=r"mixed.jsonl: record #1 \(no id\): bad_encoding: line 2 is not valid UTF-8 "
+                                        r"\(byte 0xe9 at column 25\)"):
+        parse_record(raws[1])
+
+
+def test_a_json_file_with_invalid_utf8_names_the_file(data_dir):
+    (data_dir / "latin1.json").write_bytes(b'[{"id": "a",\n "note": "caf\xe9"}]')
+    with pytest.raises(BadRecord, match=r"latin1.json: record \?: bad_encoding: the file is not valid UTF-8 "
+                                        r"\(byte 0xe9 on line 2\)"):
+        list(read_raw_records(data_dir / "latin1.json"))
+
+
+def test_a_utf8_bom_is_ignored(data_dir):
+    bom = b"\xef\xbb\xbf"
+    path = _jsonl(data_dir / "bom.jsonl", [bom + _rec_bytes("first"), _rec_bytes("second")])
+    assert [parse_record(r).id for r in read_raw_records(path)] == ["first", "second"]  # the first is not lost
+    (data_dir / "bom.json").write_bytes(bom + b"[" + _rec_bytes("only") + b"]")
+    assert [parse_record(r).id for r in read_raw_records(data_dir / "bom.json")] == ["only"]
+
+
+def test_a_lone_surrogate_is_a_bad_record_not_a_tokenizer_crash(data_dir, real26):
+    # JSON allows the escape "\ud800"; the fast tokenizer raises TypeError on such a string (it is not text)
+    path = _jsonl(data_dir / "sur.jsonl", [_rec_bytes("ok"), _rec_bytes("bad", "x\ud800y"), _rec_bytes("ok2")])
+    rows = preprocess_records(list(read_raw_records(path)), ModelSpec("qwen2"), real26, 256, "skip")
+    assert [(r.id, r.skip_reason) for r in rows] == [("ok", ""), ("bad", "bad_encoding"), ("ok2", "")]
+    assert "conversations[1].content holds a lone surrogate" in rows[1].skip_detail
+    bad_key = next(read_raw_records(_write(data_dir / "k.json", [{"id": "k", "\udc80": 1, "conversations": CONV[1:]}])))
+    with pytest.raises(BadRecord, match=r"record 'k': bad_encoding: a key of the record holds a lone surrogate"):
+        parse_record(bad_key)
+
+
+def test_reserved_markers_in_system_are_a_bad_record_not_a_crash(data_dir, real26):
+    recs = [{"id": "s1", "system": "Describe <image> well.", "conversations": CONV[1:]},
+            {"id": "s2", "system": "Use </slice> tags.", "image": "img/a.png", "conversations": CONV},
+            {"id": "s3", "system": "Be brief.", "image": "img/a.png", "conversations": CONV}]
+    raws = list(read_raw_records(_write(data_dir / "sys.json", recs)))
+    rows = preprocess_records(raws, ModelSpec("qwen2"), real26, 2048, "skip")
+    assert [(r.id, r.skip_reason) for r in rows] == [("s1", "reserved_marker"), ("s2", "reserved_marker"), ("s3", "")]
+    assert rows[2].image_bound.shape == (1, 2)
+
+
+def test_every_special_token_of_the_tokenizer_is_refused_in_text_but_grounding_tags_are_kept(data_dir, real26):
+    # <|reserved_special_token_0|> is special only in the 2.6 tokenizer: the worker-side check knows it
+    grounded = "<ref>the cat</ref><box>1 2 3 4</box>"
+    recs = [{"id": "r", "conversations": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a <|reserved_special_token_0|>"}]},
+            {"id": "g", "conversations": [{"role": "user", "content": "Where?"},
+                                          {"role": "assistant", "content": grounded}]}]
+    raws = list(read_raw_records(_write(data_dir / "ctl.json", recs)))
+    rows = preprocess_records(raws, ModelSpec("qwen2"), real26, 256, "skip")
+    assert (rows[0].skip_reason, rows[0].skip_detail) == (
+        "reserved_marker", "conversations[1] contains '<|reserved_special_token_0|>', a special token of the "
+                           "model's tokenizer")
+    ids, labels = rows[1].input_ids, rows[1].labels
+    trained = [int(ids[i + 1]) for i in range(len(ids) - 1) if labels[i] != -100]
+    assert real26.tokenizer.decode(trained) == grounded + "<|im_end|>"
+    assert 151648 in trained and 151650 in trained  # <ref> and <box> stay the model's grounding tokens
+
+
+@pytest.mark.parametrize("value,shown", [(None, "null"), (["a"], '["a"]'), ("", '""'), ("  ", '"  "'),
+                                         (True, "true"), ({"x": 1}, '{"x": 1}')])
+def test_ids_must_be_non_empty_strings_or_integers(data_dir, value, shown):
+    with pytest.raises(BadRecord) as info:
+        _parse_one(data_dir, {"id": value, "conversations": CONV[1:]})
+    assert (info.value.record_id, info.value.reason) == ("#0 (no id)", "bad_schema")
+    assert info.value.detail == f"'id' must be a non-empty string (or an integer), got {shown}"
+    assert _parse_one(data_dir, {"id": 17, "conversations": [{"role": "user", "content": "q"},
+                                                             {"role": "assistant", "content": "a"}]}).id == "17"
+
+
+def test_duplicate_ids_are_reported(data_dir):
+    from raytune_minicpmv.pipeline import read_and_check
+    from raytune_minicpmv.records import BadDataError
+
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = _write(data_dir / "dup.json", [{"id": i, "conversations": conv} for i in ("a", "b", "a", 7, "7")])
+    with pytest.raises(BadDataError) as info:
+        read_and_check(str(path), "error")
+    assert [(b.record_id, b.reason) for b in info.value.bad] == [("'a'", "duplicate_id"), ("'7'", "duplicate_id")]
+    assert str(info.value.bad[0]) == (f"{path}: record 'a': duplicate_id: record #0 of {path} has the same id; ids "
+                                      "must be unique in a split")
+    raws, bad = read_and_check(str(path), "skip")
+    assert [r.index for r in raws] == [0, 1, 3] and [b.detail.split()[1] for b in bad] == ["#0", "#3"]
+
+
+def test_a_directory_is_not_a_data_file(data_dir):
+    from raytune_minicpmv.config import ConfigError, config_from_dict
+
+    with pytest.raises(ValueError, match=r"img: is a directory; a data file is one .json, .jsonl or .parquet file"):
+        list(read_raw_records(data_dir / "img"))
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"data": {"train_path": str(data_dir / "img"), "eval_path": str(data_dir)},
+                          "model": {"path": str(data_dir)}})
+    assert f"data.train_path: {data_dir / 'img'} is a directory; give one .json, .jsonl or .parquet file" in str(
+        info.value)
+    assert f"data.eval_path: {data_dir} is a directory; give one .json, .jsonl or .parquet file" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the official code accepts a record, we accept it too
+
+
+def test_single_image_dict_with_the_plain_tag_is_a_single_image(data_dir):
+    as_dict = _parse_one(data_dir, {"id": "d", "image": {"<image>": "img/a.png"}, "conversations": CONV})
+    as_str = _parse_one(data_dir, {"id": "d", "image": "img/a.png", "conversations": CONV})
+    assert as_dict == as_str and as_dict.images == {"<image>": str(data_dir / "img/a.png")}
+
+
+@pytest.mark.parametrize("answer,trained_text", [("  ", "  <|im_end|>"), ("", "<|im_end|>"), (" \t", " \t<|im_end|>"),
+                                                 # a leading newline merges with the template's ("\n\n"): the
+                                                 # official code starts two tokens after "assistant" and skips it
+                                                 ("\n", "<|im_end|>"), ("\nHi", "Hi<|im_end|>")])
+def test_blank_answers_are_trained_like_the_official_code(data_dir, real26, answer, trained_text):
+    # The official qwen template inserts the content verbatim: its tokens and <|im_end|> are trained.
+    rec = {"id": "w", "image": "img/a.png", "conversations": [CONV[0], {"role": "assistant", "content": answer}]}
+    (row,) = preprocess_records(list(read_raw_records(_write(data_dir / "w.json", [rec]))), ModelSpec("qwen2"),
+                                real26, 2048, "error")
+    ids, labels = row.input_ids, row.labels
+    trained = [int(ids[i + 1]) for i in range(len(ids) - 1) if labels[i] != -100]
+    assert real26.tokenizer.decode(trained) == trained_text

@@ -152,3 +152,60 @@ def test_image_tokens_alone_too_long(real26):
                {"<image>": "/a.png"})
     with pytest.raises(BadRecord, match=r"record 'r1': image_tokens_too_long: .*665 tokens > .*=600"):
         tokenize_record(rec, [plan_slices((1344, 1344))], QWEN, real26, 600)
+
+
+@pytest.mark.parametrize("where", ["text_before_image_2", "inside_image_2"])
+@pytest.mark.parametrize("repeat", [8, 40])  # 8: both placeholders (535 tokens) exceed max_length, the first fits
+def test_truncation_before_a_later_image_drops_it_with_its_crops(tmp_path, real26, where, repeat):
+    # Through preprocess_records: the row keeps image 1 (5 crops), its bounds lie inside the sequence, and image 2's
+    # crops are gone from pixels and tgt_sizes as well (len(tgt_sizes) == len(image_bound) == sum(crops_per_image)).
+    from PIL import Image
+
+    from raytune_minicpmv.records import RawRecord
+    from raytune_minicpmv.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy
+
+    Image.new("RGB", (1024, 768), (200, 10, 10)).save(tmp_path / "a.png")  # grid 2x2: 5 crops
+    Image.new("RGB", (1000, 500), (10, 10, 200)).save(tmp_path / "b.png")  # grid 2x1: 3 crops
+    rec = {"id": "t", "image": {"<image_00>": "a.png", "<image_01>": "b.png"},
+           "conversations": [{"role": "user", "content": "<image_00>\nWhat is it?"},
+                             {"role": "assistant", "content": "A red square."},
+                             {"role": "user", "content": "And this one, described in detail " * repeat + "<image_01>"},
+                             {"role": "assistant", "content": "A blue band."}]}
+    raw = RawRecord(str(tmp_path / "d.json"), 0, json.dumps(rec))
+    (full,) = preprocess_records([raw], QWEN, real26, 4096)
+    assert full.crops_per_image == [5, 3] and full.image_bound.shape == (8, 2)
+    ids = full.input_ids.tolist()
+    image2_start = ids.index(151658, int(full.image_bound[4][1]))  # the <image_id> that opens image 2
+    cut = image2_start - 7 if where == "text_before_image_2" else int(full.image_bound[6][0]) + 3
+    assert (cut < 535) == (repeat == 8)  # 535 = both images' placeholder tokens
+    (row,) = preprocess_records([raw], QWEN, real26, cut)
+    assert row.crops_per_image == [5] and len(row.crops) == 5
+    assert len(row.tgt_sizes) == len(row.image_bound) == sum(row.crops_per_image) == 5
+    assert row.tgt_sizes.tolist() == [[28, 37]] * 5  # image 1's crops (1024x768 -> 518x392), not image 2's
+    assert len(row.input_ids) == (cut if where == "text_before_image_2" else image2_start)
+    assert row.input_ids.tolist() == ids[:len(row.input_ids)]
+    assert np.array_equal(row.image_bound, full.image_bound[:5]) and int(row.image_bound.max()) < len(row.input_ids)
+    assert np.all(row.labels[-5:] == -100)  # the cut falls in a user turn: nothing trained there
+    batch = collate_rows(table_to_numpy(rows_to_table([row])))
+    assert len(batch["pixel_values"][0]) == 5 and batch["tgt_sizes"][0].shape == (5, 2)
+    assert batch["image_bound"][0].shape == (5, 2)
+
+
+def test_what_the_template_inserts_before_the_content_is_not_trained(real26):
+    # Thinking-model templates put an empty "<think>\n\n</think>\n\n" before the last answer; the official code
+    # skips it (offset 4). We train the content as written plus its end token, so anything the template adds is
+    # context, whatever the template. A <think> block written in the content itself is trained as text.
+    import copy
+
+    tok = copy.copy(real26)
+    tok.tokenizer = copy.deepcopy(real26.tokenizer)
+    tok.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and "
+                                   "loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+                                   "{% endfor %}")
+    rec = _rec([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>hm</think>A1"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}])
+    out = tokenize_record(rec, [], QWEN, tok, 256)
+    ids = out.input_ids.tolist()
+    assert "<think>\n\n</think>\n\nA2" in tok.tokenizer.decode(ids)
+    trained = [ids[i + 1] for i in range(len(ids) - 1) if out.labels[i] != -100]
+    assert tok.tokenizer.decode(trained) == "<think>hm</think>A1<|im_end|>A2<|im_end|>"
