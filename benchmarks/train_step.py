@@ -126,7 +126,8 @@ def synthetic_batches(a, vocab: int, seed: int):
         yield {"input_ids": torch.stack(ids), "labels": torch.stack(labels),
                "attention_mask": torch.ones(a.micro_batch, a.seq, dtype=torch.long),
                "position_ids": torch.arange(a.seq).expand(a.micro_batch, -1).clone(),
-               "pixel_values": pix, "tgt_sizes": tgts, "image_bound": bounds}
+               "pixel_values": pix, "tgt_sizes": tgts, "image_bound": bounds,
+               "num_images": torch.ones(a.micro_batch, dtype=torch.long)}  # one image per sample, sliced in crops
 
 
 def bench_worker(args_dict: dict) -> dict:
@@ -155,6 +156,7 @@ def bench_worker(args_dict: dict) -> dict:
         losses.append(loss_sum / max(counts.label_tokens / world, 1))
         if step == a.warmup - 1:
             meter.snapshot()  # drop the warmup window
+            meter.start()  # rates are over wall-clock time from here
         elif step >= a.warmup:
             meter.add_step(counts, step_s, wait_s)
             times.append(step_s)

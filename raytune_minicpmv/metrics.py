@@ -3,8 +3,13 @@
     from raytune_minicpmv.metrics import FlopModel, StepCounts, ThroughputMeter, peak_flops
     fm = FlopModel.from_model(model, gradient_checkpointing=True)
     meter = ThroughputMeter(fm, peak_flops(), world_size)
+    meter.start()                                          # (re)start the clock right before the first step
     meter.add_step(counts, step_s=..., data_wait_s=...)    # counts: global StepCounts of one optimizer step
     meter.snapshot()  # -> {"tokens_per_s": ..., "mfu": ..., ...}, then starts a new window
+
+Rates are over WALL-CLOCK time between step ends, not over the time spent inside the step: whatever happens between
+two steps (logging, evaluation, checkpoint saves, Ray Train reports waiting for the controller) slows the run, so
+it lowers tokens/s and MFU too. `overhead_frac` says how much of the window was spent outside the steps.
 
 FLOP formula (model FLOPs, forward + backward, per optimizer step, summed over all ranks)::
 
@@ -16,7 +21,7 @@ FLOP formula (model FLOPs, forward + backward, per optimizer step, summed over a
                        + 2·N_trainable_part·tokens_part   (weight gradients only for trainable tensors)
 
 N counts matmul weights (input embeddings excluded; lm_head included). ZeRO-3 partitioned tensors are counted by
-their full size (``ds_numel``). MFU = model FLOPs / step time / (world size × the card's dense bf16 peak).
+their full size (``ds_numel``). MFU = model FLOPs / wall-clock time / (world size × the card's dense bf16 peak).
 Gradient-checkpointing recompute (one more forward of the checkpointed parts) is NOT counted: MFU measures useful
 work, so recompute shows up as a lower MFU, as in the PaLM definition. On CPU the peak is unknown and MFU is 0.
 """
@@ -152,11 +157,11 @@ class StepCounts:
         mask = batch["attention_mask"]
         lens = mask.sum(dim=1).double()
         patches = [float(h * w) for ts in batch.get("tgt_sizes", []) for h, w in _pairs(ts)]
-        n_crops = len(patches)
-        n_images = batch["num_images"].sum().item() if torch.is_tensor(batch.get("num_images")) else n_crops
+        # images, not crops: a sliced image is 1 image and several crops (collate carries the per-row image count)
+        n_images = float(torch.as_tensor(batch["num_images"]).sum())
         return cls(label_tokens=float((batch["labels"] != -100).sum()), real_tokens=float(lens.sum()),
-                   padded_tokens=float(mask.numel()), samples=float(mask.shape[0]), images=float(n_images),
-                   crops=float(n_crops), patches=sum(patches), sum_len_sq=float((lens ** 2).sum()),
+                   padded_tokens=float(mask.numel()), samples=float(mask.shape[0]), images=n_images,
+                   crops=float(len(patches)), patches=sum(patches), sum_len_sq=float((lens ** 2).sum()),
                    sum_patches_sq=sum(p * p for p in patches))
 
     def __add__(self, other: "StepCounts") -> "StepCounts":
@@ -181,30 +186,43 @@ def _pairs(ts) -> list[tuple[int, int]]:
 
 
 class ThroughputMeter:
-    """Accumulates global step counts and times over a logging window; `snapshot` returns rates and resets."""
+    """Accumulates global step counts over a logging window; `snapshot` returns the window's rates and resets it.
 
-    def __init__(self, flop_model: FlopModel, peak: float, world_size: int):
-        self.flop_model, self.peak, self.world_size = flop_model, peak, world_size
+    Time is the wall clock between consecutive `add_step` calls (the first from `start`), so the time between
+    steps counts: a step that takes 0.7 s inside `train_step` but comes 2 s after the previous one is a 2 s step.
+    `step_s` (time inside the step) and `data_wait_s` (blocked on the data iterator) split that time up.
+    """
+
+    def __init__(self, flop_model: FlopModel, peak: float, world_size: int, clock=time.perf_counter):
+        self.flop_model, self.peak, self.world_size, self.clock = flop_model, peak, world_size, clock
         self.total = StepCounts()
-        self.total_train_s = 0.0
+        self.total_train_s = 0.0  # wall-clock seconds from `start` to the last step's end
+        self._mark = clock()  # `start` moves it (e.g. to the loop start, or past a warm-up left out)
         self._reset()
 
     def _reset(self) -> None:
-        self.window, self.step_s, self.wait_s, self.steps = StepCounts(), 0.0, 0.0, 0
+        self.window, self.wall_s, self.step_s, self.wait_s, self.steps = StepCounts(), 0.0, 0.0, 0.0, 0
+
+    def start(self) -> None:
+        """(Re)start the clock: the next step's wall time is measured from here (also after a skipped stretch)."""
+        self._mark = self.clock()
 
     def add_step(self, counts: StepCounts, step_s: float, data_wait_s: float) -> None:
+        now = self.clock()
+        wall, self._mark = now - self._mark, now
         self.window = self.window + counts
         self.total = self.total + counts
+        self.wall_s += wall
         self.step_s += step_s
         self.wait_s += data_wait_s
-        self.total_train_s += step_s
+        self.total_train_s += wall
         self.steps += 1
 
     def snapshot(self) -> dict:
-        w, dt = self.window, max(self.step_s, 1e-9)
+        w, dt = self.window, max(self.wall_s, 1e-9)
         flops = self.flop_model.step_flops(w)
         out = {
-            "step_time_s": self.step_s / max(self.steps, 1),
+            "step_time_s": self.wall_s / max(self.steps, 1),
             "tokens_per_s": w.real_tokens / dt,
             "padded_tokens_per_s": w.padded_tokens / dt,
             "samples_per_s": w.samples / dt,
@@ -212,11 +230,19 @@ class ThroughputMeter:
             "tflops_per_gpu": flops / dt / self.world_size / 1e12,
             "mfu": (flops / dt / (self.world_size * self.peak)) if self.peak > 0 else 0.0,
             "data_wait_frac": self.wait_s / dt,
+            "overhead_frac": max(0.0, 1.0 - self.step_s / dt) if self.steps else 0.0,
             "padding_frac": 1.0 - w.real_tokens / max(w.padded_tokens, 1.0),
             **peak_memory(),
         }
         self._reset()
         return out
+
+    def run_means(self) -> dict:
+        """Means over everything since `start` (this attempt): tokens/s and MFU over the wall clock."""
+        dt = max(self.total_train_s, 1e-9)
+        mfu = (self.flop_model.step_flops(self.total) / dt / (self.world_size * self.peak)) if self.peak > 0 else 0.0
+        return {"train_time_s": self.total_train_s, "mean_tokens_per_s": self.total.real_tokens / dt,
+                "mean_mfu": mfu}
 
 
 def peak_memory() -> dict:
@@ -331,14 +357,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def format_log_line(m: dict) -> str:
-    """One progress line per report."""
-    parts = [f"step {int(m['step'])}", f"loss {m['loss']:.4f}"]
+def format_log_line(m: dict, max_steps: Optional[int] = None, elapsed_s: Optional[float] = None,
+                    eta_s: Optional[float] = None) -> str:
+    """One progress line per logged step: `step N/max`, losses, rates, then elapsed time and ETA."""
+    parts = [f"step {int(m['step'])}" + (f"/{max_steps}" if max_steps else ""), f"loss {m['loss']:.4f}"]
     if "eval_loss" in m:
         parts.append(f"eval_loss {m['eval_loss']:.4f}")
     parts += [f"lr {m['lr']:.2e}", f"grad_norm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:.0f} tok/s",
-              f"mfu {100 * m['mfu']:.1f}%", f"wait {100 * m['data_wait_frac']:.0f}%"]
+              f"{m['step_time_s']:.2f} s/step", f"mfu {100 * m['mfu']:.1f}%", f"wait {100 * m['data_wait_frac']:.0f}%"]
+    if elapsed_s is not None:
+        parts.append(f"{format_duration(elapsed_s)} elapsed" + (f", eta {format_duration(eta_s)}"
+                                                              if eta_s is not None else ""))
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def format_run_report(summary: dict) -> str:

@@ -213,9 +213,12 @@ def collate_rows(batch: dict) -> dict:
         pixel_values.append(unpack_pixels(raw, tgt))
         tgt_sizes.append(torch.tensor(tgt, dtype=torch.int32))
         bounds.append(torch.tensor(np.asarray(bound, dtype=np.int64).reshape(-1, 2)))
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(attention), "position_ids": torch.from_numpy(positions),
-            "pixel_values": pixel_values, "tgt_sizes": tgt_sizes, "image_bound": bounds}
+    out = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+           "attention_mask": torch.from_numpy(attention), "position_ids": torch.from_numpy(positions),
+           "pixel_values": pixel_values, "tgt_sizes": tgt_sizes, "image_bound": bounds}
+    if "num_images" in batch:  # images per row (a sliced image has several crops): the trainer's images/s
+        out["num_images"] = torch.as_tensor(np.asarray(batch["num_images"], dtype=np.int64))
+    return out
 
 
 def unpack_pixels(raw: bytes, tgt: np.ndarray, patch_size: int = 14) -> list:

@@ -14,8 +14,10 @@ One optimizer step on every rank (see docs/TRAINING.md):
 3. for each micro-batch: forward, sum-reduced cross entropy, backward of ``loss_sum × world / global_label_tokens``
    (DeepSpeed averages gradients over ranks, so the applied gradient is that of the mean loss over every
    non-ignored token of the whole global batch, however tokens fall across micro-batches and ranks), engine.step;
-4. every `logging_steps` / `eval_steps` / `save_steps` (and at the end) one `ray.train.report` on every rank,
-   with the evaluation and the checkpoint of that step attached.
+4. every `logging_steps` (and at every evaluation / checkpoint): rank 0 writes the window's metrics to the trackers
+   and prints `step N/max ... elapsed, eta` (no Ray call: `ray.train.report` waits for the controller's poll);
+   every `eval_steps` an evaluation (when there is an eval split), every `save_steps` and at the end a checkpoint;
+   `ray.train.report` on every rank only at those steps (train_progress.py).
 """
 from __future__ import annotations
 
@@ -23,15 +25,15 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint
 from .config import Config, ConfigError, config_from_dict, is_uri, join_uri
 from .deepspeed import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, torch_dtype
-from .metrics import (FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, format_log_line,
-                      format_run_report, peak_flops)
+from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, format_run_report, peak_flops
+from .train_progress import Progress, StepReporter, report_to_ray, step_actions
 
 log = logging.getLogger(__name__)
 _HF_DS_CONFIG = None  # see build_engine
@@ -145,6 +147,8 @@ def checkpoint_config(cfg: Config, has_eval: bool):
 
 
 def build_datasets(cfg: Config) -> dict:
+    """The train (and, when there is one, eval) dataset; a split too small to train / evaluate is refused here,
+    in the driver, before any worker starts (ConfigError)."""
     from .pipeline import build_dataset
 
     datasets = {"train": build_dataset(cfg, "train")}
@@ -152,7 +156,44 @@ def build_datasets(cfg: Config) -> dict:
         eval_ds = build_dataset(cfg, "eval")
         if eval_ds is not None:
             datasets["eval"] = eval_ds
+    check_split_rows(cfg, {split: split_rows(cfg, split) for split in datasets})
     return datasets
+
+
+def split_rows(cfg: Config, split: str) -> int:
+    """Rows of a split, counted cheaply in the driver: preprocessed, the kept rows of its Parquet (one small
+    column is read); raw, the records of the file (an upper bound: preprocessing may still skip some)."""
+    if cfg.data.preprocessed:
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(join_uri(cfg.data_output_path, split), format="parquet")
+        if not ds.files:
+            return 0
+        reasons = ds.to_table(columns=["skip_reason"]).column("skip_reason")
+        return int(pc.sum(pc.equal(reasons, "")).as_py() or 0)
+    from .records import read_raw_records
+
+    return sum(1 for _ in read_raw_records(cfg.data.train_path if split == "train" else cfg.data.eval_path))
+
+
+def check_split_rows(cfg: Config, rows: dict[str, int]) -> None:
+    """Every rank needs one train micro-batch (Ray splits rows equally, batches drop the ragged tail) and, when
+    there is an eval split, one eval row (else no rank can evaluate and the checkpoint has no eval_loss)."""
+    workers, micro = cfg.scaling.num_workers, cfg.train.micro_batch_size
+    where = {"train": cfg.data.train_path, "eval": cfg.data.eval_path}
+    if cfg.data.preprocessed:
+        where = {split: join_uri(cfg.data_output_path, split) for split in where}
+    problems = []
+    if rows["train"] < workers * micro:
+        problems.append(f"data.train_path: the train split ({where['train']}) has {rows['train']} rows; "
+                        f"{workers} workers x train.micro_batch_size {micro} need at least {workers * micro}")
+    if "eval" in rows and rows["eval"] < workers:
+        fix = "drop data.eval_path to train without evaluation" if rows["eval"] == 0 else "add rows"
+        problems.append(f"data.eval_path: the eval split ({where['eval']}) has {rows['eval']} rows; each of the "
+                        f"{workers} workers needs at least one ({fix})")
+    if problems:
+        raise ConfigError(problems)
 
 
 def tensorboard_dir(cfg: Config, run_name: Optional[str] = None) -> str:
@@ -211,7 +252,7 @@ def summarize(cfg: Config, result, wall_s: float) -> dict:
 
 
 def train_fn_per_worker(config_dict: dict) -> None:
-    """Ray Train worker loop: build, (resume,) train `max_steps` optimizer steps, evaluate, report, checkpoint."""
+    """Ray Train worker loop: build, (resume,) train `max_steps` optimizer steps, evaluate, log, checkpoint."""
     import ray.train
 
     _quiet_worker_logs()
@@ -219,40 +260,72 @@ def train_fn_per_worker(config_dict: dict) -> None:
     run_name = config_dict.get("run_name", cfg.run.name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = Progress(rank)
     will_fail = _fail_hook_armed(cfg, run_name)
 
-    engine, model = build_engine(cfg)
+    engine, model = build_engine(cfg, say)
     state = TrainState()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
+        say(f"loading checkpoint {resumed.path} ...")
         with resumed.as_directory() as d:
             state = load_checkpoint(engine, d)
-        _log(rank, f"resumed from {resumed.path} at step {state.step}")
+        say(f"resumed from {resumed.path} at step {state.step}")
     resumed_step = state.step
 
     from .pipeline import collate
 
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, collate, state)
+    has_eval = dataset_shard("eval") is not None  # no eval split: no evaluation, checkpoints all the same
     meter = ThroughputMeter(FlopModel.from_model(model), peak_flops() if cfg.scaling.use_gpu else 0.0, world)
     trackers = Trackers(cfg.train.report_to, tensorboard_dir(cfg, run_name), run_name, cfg.to_dict(),
                         jsonl_path=metrics_jsonl(cfg, run_name)) if rank == 0 else None
-    window_loss = torch.zeros(2, dtype=torch.float64)  # local (loss_sum, label tokens) since the last report
+    reporter = StepReporter(meter, trackers, rank, world, cfg.train.max_steps, say)
     engine.train()
+    if state.step < cfg.train.max_steps:
+        say(f"first step (world {world}, {cfg.train.gradient_accumulation_steps} micro-batch(es) of "
+            f"{cfg.train.micro_batch_size} per rank; the data stream starts) ...")
+    reporter.start(state.step)
     while state.step < cfg.train.max_steps:
         loss_sum, counts, step_s, wait_s, lr = train_step(engine, batches, cfg, world)
         state.step += 1
         state.tokens_seen += counts.label_tokens
-        window_loss += torch.tensor([loss_sum, 0.0], dtype=torch.float64)
-        window_loss[1] += counts.label_tokens  # global count: the loss sum is all-reduced at report time only
-        meter.add_step(counts, step_s, wait_s)
+        reporter.add_step(loss_sum, counts, step_s, wait_s, lr)
+        if state.step == resumed_step + 1:
+            say(f"first step done in {step_s:.1f} s")
         if will_fail and state.step == cfg.train.fail_at_step:
             _trigger_failure(cfg, run_name, rank)
-        if _is_report_step(cfg, state.step):
-            report(engine, model, cfg, config_dict, state, meter, window_loss, trackers, rank, world,
-                   extra={"lr": lr, "resumed_from_step": resumed_step})
-            window_loss.zero_()
+        do = step_actions(cfg.train, state.step, has_eval)
+        if not do.log:
+            continue
+        metrics = reporter.window_metrics(engine, state)
+        metrics["resumed_from_step"] = resumed_step
+        if do.evaluate:
+            eval_loss = evaluate(engine, cfg)
+            if eval_loss is not None:
+                metrics["eval_loss"] = eval_loss
+                if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+                    state.best_eval_loss = eval_loss
+        if state.best_eval_loss is not None:
+            metrics["best_eval_loss"] = state.best_eval_loss
+        reporter.log(metrics)
+        if do.report:
+            if do.save:
+                say(f"saving checkpoint of step {state.step} ...")
+            report_to_ray(engine, model, metrics, state, config_dict["config"], rank, save=do.save)
     if trackers:
         trackers.close()
+
+
+def dataset_shard(name: str):
+    """This worker's shard of dataset `name`, or None when the trainer has no such dataset (Ray Train V2 raises
+    KeyError for a missing name, V1 returned None)."""
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
 
 
 def _quiet_worker_logs() -> None:
@@ -282,18 +355,19 @@ def worker_config(config_dict: dict) -> Config:
     return config_from_dict(raw, check_paths=False)
 
 
-def build_engine(cfg: Config):
+def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     """Model (ZeRO-3: materialized partitioned under zero.Init), trainable policy, optimizer, schedule, engine.
 
     `deepspeed.zero_stage` / `model.gradient_checkpointing` = auto are resolved first (engine_plan: the cheapest
-    choice whose memory estimate fits the card); rank 0 prints the estimate and the choice.
+    choice whose memory estimate fits the card); the estimate and the choice go to `say`, which gets a line before
+    each long phase too (rank 0's Progress in the worker; silent by default).
     """
     fix_cuda_arch_list()
     import deepspeed
     import torch.distributed as dist
 
     from .engine_plan import local_capacity_bytes, plan_engine
-    from .models import apply_trainable_policy, enable_gradient_checkpointing, load_model_for
+    from .models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
     from .profiling import attach_profiler
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
@@ -303,7 +377,7 @@ def build_engine(cfg: Config):
     capacity = all_reduce(torch.tensor([local_capacity_bytes(cfg.scaling.use_gpu, _local_workers(cfg))],
                                        dtype=torch.float64), _comm_device(cfg), op=dist.ReduceOp.MIN)
     plan = plan_engine(cfg, world, int(capacity.item()))
-    _log(rank, plan.describe())
+    say(plan.describe())
     cfg = plan.apply(cfg)
     ds_cfg = build_ds_config(cfg)
     dtype = torch_dtype(cfg)
@@ -316,13 +390,20 @@ def build_engine(cfg: Config):
         from transformers.integrations import HfDeepSpeedConfig
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference
+    zero3 = " under ZeRO-3 (partitioned while loading)" if cfg.deepspeed.zero_stage == 3 else ""
+    say(f"loading model {cfg.model.path} ({cfg.model.dtype}){zero3} ...")
+    t0 = time.perf_counter()
     model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
+    say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
     enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant
     optimizer = build_optimizer(model, cfg)
+    say(f"DeepSpeed initialize (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype}) ...")
+    t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
         optimizer, cfg), config=ds_cfg)
+    say(f"DeepSpeed ready in {time.perf_counter() - t0:.1f} s")
     attach_profiler(engine, cfg, rank)  # train.profile_steps > 0 only
     return engine, model
 
@@ -410,13 +491,12 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     Every rank runs the same number of forwards (a ZeRO-3 forward is a collective): before each batch the ranks
     agree (all_reduce MIN) that all of them still have one.
     """
-    import ray.train
     import torch.distributed as dist
 
     from .models import compute_loss
     from .pipeline import collate
 
-    shard = ray.train.get_dataset_shard("eval")
+    shard = dataset_shard("eval")
     if shard is None:
         return None
     engine.eval()
@@ -438,50 +518,6 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
-def report(engine, model, cfg: Config, config_dict: dict, state: TrainState, meter: ThroughputMeter,
-           window_loss: torch.Tensor, trackers: Optional[Trackers], rank: int, world: int, extra: dict) -> None:
-    """One `ray.train.report` on every rank: metrics, plus eval and checkpoint when due."""
-    import ray.train
-
-    loss_sum = all_reduce(window_loss[:1].clone(), engine.device)
-    metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch,
-                               "loss": float(loss_sum[0] / max(float(window_loss[1]), 1.0)),
-                               "grad_norm": _grad_norm(engine), "tokens_seen": state.tokens_seen,
-                               **extra, **meter.snapshot()}
-    if state.step % cfg.train.eval_steps == 0 or state.step == cfg.train.max_steps:
-        eval_loss = evaluate(engine, cfg)
-        if eval_loss is not None:
-            metrics["eval_loss"] = eval_loss
-            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-                state.best_eval_loss = eval_loss
-    metrics.update(best_eval_loss=state.best_eval_loss, train_time_s=meter.total_train_s,
-                   mean_tokens_per_s=meter.total.real_tokens / max(meter.total_train_s, 1e-9),
-                   mean_mfu=(meter.flop_model.step_flops(meter.total) / max(meter.total_train_s, 1e-9)
-                             / (world * meter.peak)) if meter.peak > 0 else 0.0)
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    if rank == 0:
-        _log(rank, format_log_line(metrics))
-        trackers.log(metrics, state.step)
-    if state.step % cfg.train.save_steps == 0 or state.step == cfg.train.max_steps:
-        with tempfile.TemporaryDirectory(prefix="ckpt_") as tmp:
-            save_checkpoint(engine, model, tmp, state, config_dict["config"], rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_step_{state.step:07d}")
-    else:
-        ray.train.report(metrics)
-
-
-def _is_report_step(cfg: Config, step: int) -> bool:
-    t = cfg.train
-    return step % t.logging_steps == 0 or step % t.eval_steps == 0 or step % t.save_steps == 0 \
-        or step == t.max_steps
-
-
-def _grad_norm(engine) -> float:
-    g = engine.get_global_grad_norm()
-    return float(g) if g is not None else float("nan")
-
-
 def to_device(obj, device):
     """Move the collate dict (tensors, lists of tensors) to the engine's device."""
     if torch.is_tensor(obj):
@@ -491,11 +527,6 @@ def to_device(obj, device):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
-
-
-def _log(rank: int, msg: str) -> None:
-    if rank == 0:
-        print(msg, flush=True)
 
 
 # Test hook (train.fail_at_step): raise once, on the first attempt only. The marker lives in the run directory,

@@ -208,7 +208,9 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
 
 def EvalReportCallback(metric: str):  # noqa: N802 - behaves as a class for callers
     """A Train callback that forwards only evaluation reports (those carrying `metric`) to Tune, each with the path
-    of the checkpoint saved at that step — so one Tune iteration is one evaluation, ASHA's unit."""
+    of the checkpoint saved at that step — so one Tune iteration is one evaluation, ASHA's unit. Train workers call
+    `ray.train.report` only at evaluation and checkpoint steps (per-step metrics bypass Ray: train_progress.py), and
+    `_tune_ready` makes every evaluation a checkpoint step, so each forwarded report carries a checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class _EvalReportCallback(TuneReportCallback):

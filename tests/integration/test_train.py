@@ -1,6 +1,7 @@
 """Training stage end to end on CPU: local Ray, 2 workers, DeepSpeed ZeRO-3 (and ZeRO-2), tiny MiniCPM-V 2.6.
 
-One Ray session for the module; every run is a real `run_train` (Ray Data pipeline → TorchTrainer → DeepSpeed).
+One Ray session for the module; every run is a real `run_train` (Ray Data pipeline → TorchTrainer → DeepSpeed), or
+the `build_trainer(...).fit()` it wraps where a test watches Ray's reports through a Train callback.
     .venv/bin/python -m pytest tests/integration/test_train.py -q
 """
 from pathlib import Path
@@ -112,10 +113,61 @@ def test_full_zero3_worker_failure_resumes_from_last_checkpoint(inputs):
     assert any(not torch.equal(trained[k], base[k].detach()) for k in trained)
 
 
-def test_zero2_gives_the_zero3_first_loss(inputs, lora_run):
-    from raytune_minicpmv.train import run_train
+def _rows_dir(inputs, root: Path) -> Path:
+    """A preprocessed-data directory with the module's train split (a link) and no eval split."""
+    rows = root / "rows"
+    rows.mkdir()
+    (rows / "train").symlink_to(Path(inputs["data.output_path"]) / "train")
+    return rows
 
-    s = run_train(config(inputs, "zero2", "deepspeed.zero_stage=2", "train.max_steps=1", "optim.warmup_steps=0",
-                         "train.micro_batch_size=10", "train.logging_steps=1", "train.eval_max_batches=1"))
+
+def test_zero2_without_eval_split_gives_the_zero3_first_loss_checkpoints_and_reports_only_at_them(inputs, lora_run,
+                                                                                                  tmp_path):
+    """ZeRO-2 on the same rows gives ZeRO-3's step-1 loss. And issue 9 defects 2 and 6: without an eval split the
+    run trains, never evaluates (it crashed with KeyError at the first evaluation) and still saves its checkpoints;
+    with logging_steps=1 every step reaches metrics.jsonl from rank 0, while ray.train.report (which waits for the
+    controller's 2 s poll) runs at the checkpoints only."""
+    import json
+
+    import ray.train
+
+    from raytune_minicpmv.train import build_trainer, summarize
+
+    cfg = config(inputs, "zero2_noeval", f"data.output_path={_rows_dir(inputs, tmp_path)}", "deepspeed.zero_stage=2",
+                 "train.max_steps=3", "optim.warmup_steps=0", "train.micro_batch_size=10", "train.logging_steps=1",
+                 "train.eval_steps=1", "train.save_steps=2", "train.save_total_limit=1")
+    log = tmp_path / "reports.jsonl"
+
+    class RecordReports(ray.train.UserCallback):  # runs in the Train controller, on this node
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(log, "a") as f:
+                f.write(json.dumps({"step": metrics[0]["step"], "checkpoint": checkpoint is not None}) + "\n")
+
+    s = summarize(cfg, build_trainer(cfg, callbacks=[RecordReports()]).fit(), wall_s=0.0)
+    assert s["error"] is None and s["steps"] == 3
     zero3_first = lora_run[1]["loss_history"][0][1]
     assert s["loss_history"][0][1] == pytest.approx(zero3_first, abs=2e-4)  # history is rounded to 1e-4
+    assert [step for step, _ in s["loss_history"]] == [1, 2, 3]
+    assert s["eval_history"] == [] and s["final_eval_loss"] is None
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"step": 2, "checkpoint": True}, {"step": 3, "checkpoint": True}]
+    assert Path(s["checkpoint"]).name == "checkpoint_step_0000003" and len(s["kept_checkpoints"]) == 1
+
+
+def test_empty_eval_split_fails_in_the_driver_before_training(inputs, tmp_path):
+    """Issue 9 defect 2: an eval split whose every record was skipped is a clear error before any worker starts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytune_minicpmv.config import ConfigError
+    from raytune_minicpmv.train import run_train
+
+    rows = _rows_dir(inputs, tmp_path)
+    t = pq.read_table(Path(inputs["data.output_path"]) / "eval")
+    t = t.set_column(t.schema.get_field_index("skip_reason"), "skip_reason", pa.array(["too_long"] * t.num_rows))
+    (rows / "eval").mkdir()
+    pq.write_table(t, rows / "eval" / "part-0.parquet")
+    cfg = config(inputs, "emptyeval", f"data.output_path={rows}")
+    with pytest.raises(ConfigError, match=r"data.eval_path: the eval split \(.*\) has 0 rows"):
+        run_train(cfg)
+    assert not list(Path(cfg.run_dir).glob("checkpoint_*"))

@@ -48,6 +48,21 @@ def test_asha_stops_a_trial_and_the_best_is_the_lowest_best_eval_loss(tune_run):
     assert json.load(open(f"{exp}/results.json"))["best_trial"] == summary["best_trial"]
 
 
+def test_every_trial_evaluation_carries_its_checkpoint(tune_run):
+    """Issue 18 item 5: Tune trials checkpoint at every evaluation, so whichever evaluation is best has a checkpoint
+    to merge; the retention keeps the best one (score eval_loss)."""
+    from pathlib import Path
+
+    cfg, summary = tune_run
+    results = [json.loads(line) for p in sorted(Path(summary["experiment"]).glob("*/result.json"))
+               for line in p.read_text().splitlines() if line.strip()]
+    assert len(results) == sum(r["evals"] for r in summary["rows"]) >= 4  # the finished trial alone evaluates twice
+    for r in results:
+        assert "eval_loss" in r and r["checkpoint_path"].endswith(f"checkpoint_step_{int(r['step']):07d}"), r
+    assert {int(r["step"]) for r in results} == {4, 8}
+    assert os.path.isdir(summary["best_checkpoint"]) and os.path.isdir(f"{summary['best_checkpoint']}/adapter")
+
+
 def test_merged_model_reloads_and_matches_the_adapter_model(tune_run):
     from peft import PeftModel
 

@@ -11,6 +11,7 @@ def batch():
         "labels": torch.tensor([[-100, 1, 2, -100, -100], [-100, -100, 3, 4, 5]]),
         "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
         "tgt_sizes": [torch.tensor([[2, 3]]), torch.zeros(0, 2, dtype=torch.int32)],
+        "num_images": torch.tensor([1, 0]),
     }
 
 
@@ -61,19 +62,72 @@ def test_peak_table_and_cpu():
         assert peak_flops() == 0.0
 
 
-def test_meter_rates_and_mfu():
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_meter_rates_and_mfu_over_wall_clock():
     fm = FlopModel({"llm": 1e9, "vpm": 0, "resampler": 0}, {"llm": 1e9, "vpm": 0, "resampler": 0})
-    meter = ThroughputMeter(fm, peak=1e12, world_size=2)
+    clock = FakeClock()
+    meter = ThroughputMeter(fm, peak=1e12, world_size=2, clock=clock)
     c = StepCounts(label_tokens=500, real_tokens=1000, padded_tokens=1250, samples=4, images=2)
+    meter.start()
+    clock.t += 2.0
     meter.add_step(c, step_s=2.0, data_wait_s=0.5)
+    clock.t += 2.0
     meter.add_step(c, step_s=2.0, data_wait_s=0.0)
     snap = meter.snapshot()
     assert snap["tokens_per_s"] == pytest.approx(500) and snap["padded_tokens_per_s"] == pytest.approx(625)
     assert snap["samples_per_s"] == pytest.approx(2) and snap["images_per_s"] == pytest.approx(1)
     assert snap["data_wait_frac"] == pytest.approx(0.125) and snap["step_time_s"] == pytest.approx(2.0)
+    assert snap["overhead_frac"] == pytest.approx(0.0)
     # 6 N per token (forward 2N, activation grads 2N, weight grads 2N) * 2000 tokens / 4 s / (2 GPUs * 1e12)
     assert snap["mfu"] == pytest.approx(6e9 * 2000 / 4 / 2e12)
     assert meter.snapshot()["tokens_per_s"] == 0  # the window reset
     assert meter.total.real_tokens == 2000
-    line = format_log_line({"step": 3, "loss": 1.5, "lr": 1e-4, "grad_norm": 0.5, **snap})
-    assert "step 3" in line and "loss 1.5000" in line
+    line = format_log_line({"step": 3, "loss": 1.5, "lr": 1e-4, "grad_norm": 0.5, **snap}, max_steps=10,
+                           elapsed_s=75, eta_s=3725)
+    assert line.startswith("step 3/10 | loss 1.5000") and line.endswith("0:01:15 elapsed, eta 1:02:05")
+
+
+def test_meter_counts_the_time_between_steps():
+    """The issue-9 stall: a 0.75 s step that comes every 2 s (ray.train.report waiting for the controller's poll)
+    is a 2 s step for throughput, not a 0.75 s one; the time outside the step shows as overhead_frac."""
+    fm = FlopModel({"llm": 1e9, "vpm": 0, "resampler": 0}, {"llm": 1e9, "vpm": 0, "resampler": 0})
+    clock = FakeClock()
+    meter = ThroughputMeter(fm, peak=1e12, world_size=1, clock=clock)
+    c = StepCounts(real_tokens=1000, padded_tokens=1000, samples=2, images=2)
+    meter.start()
+    for _ in range(4):
+        clock.t += 0.75  # inside train_step
+        meter.add_step(c, step_s=0.75, data_wait_s=0.0)
+        clock.t += 1.25  # outside: logging, reports, evaluation, checkpoints
+    clock.t -= 1.25  # the window ends at the last step's end
+    snap = meter.snapshot()
+    assert snap["step_time_s"] == pytest.approx((3 * 2.0 + 0.75) / 4)
+    assert snap["tokens_per_s"] == pytest.approx(4000 / 6.75)
+    assert snap["mfu"] == pytest.approx(6e9 * 4000 / 6.75 / 1e12)
+    assert snap["overhead_frac"] == pytest.approx(1 - 3.0 / 6.75)
+    assert meter.run_means()["mean_tokens_per_s"] == pytest.approx(4000 / 6.75)
+    assert meter.run_means()["train_time_s"] == pytest.approx(6.75)
+
+
+def test_images_per_s_counts_images_not_crops():
+    """Two rows: one image sliced into 3 crops, one image with 1 crop: 2 images, 4 crops."""
+    from raytune_minicpmv.rows import collate_rows
+
+    rows = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [-100, 5]],
+            "pixel_values": [bytes(3 * 14 * 14 * 3), bytes(3 * 14 * 14)],
+            "tgt_sizes": [[1, 1, 1, 1, 1, 1], [1, 1]], "image_bound": [[0, 1, 1, 2, 2, 3], [0, 1]],
+            "num_images": [1, 1], "skip_reason": ["", ""]}
+    c = StepCounts.of_batch(collate_rows(rows))
+    assert (c.images, c.crops) == (2, 4)
+    meter = ThroughputMeter(FlopModel({"llm": 0, "vpm": 0, "resampler": 0}, {"llm": 0, "vpm": 0, "resampler": 0}),
+                            peak=0.0, world_size=1, clock=FakeClock())
+    meter.clock.t += 1.0
+    meter.add_step(c, step_s=1.0, data_wait_s=0.0)
+    assert meter.snapshot()["images_per_s"] == pytest.approx(2.0)
