@@ -180,7 +180,10 @@ class MergeConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_shard_size: str = "2GB"  # limit per output safetensors file (KB/MB/GB/TB)
     verify_samples: int = 2  # sample records run through adapter-on-base and the merged model; 0 skips the check
-    verify_atol: float = 5e-2  # logits tolerance merged vs adapter-on-base (bf16); fp32 merges use 1e-4
+    # max |Δ logit| merged vs adapter-on-base; None: measured on the model (verify_noise_factor × the noise of PEFT
+    # folding the same adapter in the same dtype, at least 2 dtype steps at the largest logit; docs/MERGE.md)
+    verify_atol: Optional[float] = None
+    verify_noise_factor: float = 3.0  # with verify_atol unset: how many times the measured rounding noise to allow
     num_cpus: float = 1.0
     # declared to Ray (None: the larger of 1.5 × (largest base shard + adapter) for the streaming merge and
     # 1.3 × model + adapter for the verification, which loads one model at a time)
@@ -513,7 +516,8 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     # merge
     mg = cfg.merge
     need(mg.verify_samples >= 0, "merge.verify_samples: must be >= 0")
-    need(mg.verify_atol > 0, "merge.verify_atol: must be > 0")
+    need(mg.verify_atol is None or mg.verify_atol > 0, "merge.verify_atol: must be > 0 (or unset to measure it)")
+    need(mg.verify_noise_factor >= 1, "merge.verify_noise_factor: must be >= 1 (a correct merge has 1 x the noise)")
     need(mg.num_cpus > 0, "merge.num_cpus: must be > 0")
     need(__import__("re").fullmatch(r"(?i)\s*\d+(\.\d+)?\s*(KB|MB|GB|TB)\s*", mg.max_shard_size) is not None,
          f"merge.max_shard_size: {mg.max_shard_size!r} is not a size like 500MB or 2GB")
