@@ -38,3 +38,11 @@ def test_trial_without_reports_or_id():
     cfg = config_from_dict({}, check_paths=False)
     (t,) = collect_trials([_result(0, trial_id=None)], cfg)
     assert (t.trial_id, t.history, t.time_s, t.status) == ("trial_dir_7", [], 0.0, "stopped")
+
+
+def test_reports_without_wall_time_count_as_zero_seconds():
+    cfg = config_from_dict({}, check_paths=False)
+    result = Result(metrics={"config": {}}, checkpoint=None, error=None, path="/x/t",
+                    metrics_dataframe=pd.DataFrame([{"step": 10, "eval_loss": 1.0}]))
+    (t,) = collect_trials([result], cfg)
+    assert t.time_s == 0.0 and t.history == [{"step": 10, "eval_loss": 1.0}]

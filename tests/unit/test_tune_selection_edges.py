@@ -26,6 +26,7 @@ def test_rows_that_are_not_checkpointed_finite_evaluations_are_skipped():
     good = _trial("good", [{"step": 5, "eval_loss": 3.0, "checkpoint_path": "/ck/good"}])
     best = select_best([bad, good], "eval_loss", "min")
     assert (best.trial_id, best.checkpoint_path, best.metric) == ("good", "/ck/good", 3.0)
+    assert best.config == {"lr": 1e-4}  # the winner's hyperparameters reach the merge and the report
 
 
 def test_a_row_without_step_counts_as_step_0():
@@ -85,5 +86,6 @@ def test_a_fixed_concurrency_above_the_cluster_warns_only_when_it_does_not_fit(c
         assert max_concurrent_trials(fixed, {"CPU": 8.0}) == 3  # no GPUs yet (autoscaling): no warning either
         assert caplog.messages == []
         assert max_concurrent_trials(fixed, {"GPU": 5.0}) == 3
-    assert caplog.messages == ["tune.max_concurrent_trials=3 × 2 GPU per trial exceeds the 5 the cluster has now; "
-                               "the extra trials wait for the autoscaler"]
+        assert max_concurrent_trials(fixed, {"GPU": 1.0}) == 3  # one GPU node up so far
+    assert caplog.messages == [f"tune.max_concurrent_trials=3 × 2 GPU per trial exceeds the {n} the cluster has now; "
+                               "the extra trials wait for the autoscaler" for n in (5, 1)]
