@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv clean prebuild-ds
+.PHONY: demo test test-fast venv clean prebuild-ds mutate
 
 venv: $(STAMP)
 
@@ -32,5 +32,19 @@ test: venv prebuild-ds
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
+# Mutation testing (docs/TESTING.md), not part of `make test`: CPU-heavy, minutes to hours. Configured in
+# pyproject.toml [tool.mutmut]. One module: make mutate MUTANTS='raytune_minicpmv.models.loss.*'
+MUTANTS ?=
+MUTATE_JOBS ?= 2
+DEV_STAMP := $(VENV)/.installed-dev
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test,dev]"
+	touch $(DEV_STAMP)
+
+mutate: $(DEV_STAMP)
+	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(BIN)/python tests/mutation_report.py --survivors
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache mutants

@@ -10,6 +10,7 @@ fix. Relative paths in a config file resolve against the file's directory, so a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -189,7 +190,10 @@ class MergeConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_shard_size: str = "2GB"  # limit per output safetensors file (KB/MB/GB/TB)
     verify_samples: int = 2  # sample records run through adapter-on-base and the merged model; 0 skips the check
-    verify_atol: float = 5e-2  # logits tolerance merged vs adapter-on-base (bf16); fp32 merges use 1e-4
+    # max |Δ logit| merged vs adapter-on-base; None: measured on the model (verify_noise_factor × the noise of PEFT
+    # folding the same adapter in the same dtype, at least 2 dtype steps at the largest logit; docs/MERGE.md)
+    verify_atol: Optional[float] = None
+    verify_noise_factor: float = 3.0  # with verify_atol unset: how many times the measured rounding noise to allow
     num_cpus: float = 1.0
     # declared to Ray (None: the larger of 1.5 × (largest base shard + adapter) for the streaming merge and
     # 1.3 × model + adapter for the verification, which loads one model at a time)
@@ -422,7 +426,10 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
         if not cond:
             p.append(msg)
 
+    p += _non_finite(cfg, "")  # NaN / inf pass some range checks (inf >= 0); no field means them
     need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name: must be a non-empty name without '/'")
+    need(0 <= cfg.run.seed < 2**32, "run.seed: must be in [0, 2**32) (the range every RNG here accepts)")
+    need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus: must be >= 1 or unset")
     need(cfg.ray.worker_group_start_timeout_s > 0, "ray.worker_group_start_timeout_s: must be > 0 (seconds)")
     need(cfg.ray.driver_resource.isidentifier() or cfg.ray.driver_resource == "",
          "ray.driver_resource: must be a resource name like trial_driver (or \"\" to disable)")
@@ -475,7 +482,8 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     o = cfg.optim
     need(0 < o.lr < 1, "optim.lr: must be in (0, 1)")
     need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
-    need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1/adam_beta2: must be in [0, 1)")
+    need(0 <= o.adam_beta1 < 1, "optim.adam_beta1: must be in [0, 1)")
+    need(0 <= o.adam_beta2 < 1, "optim.adam_beta2: must be in [0, 1)")
     need(o.adam_eps > 0, "optim.adam_eps: must be > 0")
     need(o.max_grad_norm >= 0, "optim.max_grad_norm: must be >= 0 (0 disables clipping)")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
@@ -525,22 +533,46 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(tu.reduction_factor >= 2, "tune.reduction_factor: must be >= 2")
     need(tu.max_t is None or tu.max_t >= tu.grace_period, "tune.max_t: must be >= tune.grace_period")
     need(tu.max_concurrent_trials is None or tu.max_concurrent_trials >= 1, "tune.max_concurrent_trials: must be >= 1")
+    need(tu.max_failures >= -1, "tune.max_failures: must be >= -1 (-1 retries forever)")
+    sp = tu.search
+    need(sp.weight_decay is None or (len(sp.weight_decay) >= 1 and all(v >= 0 for v in sp.weight_decay)),
+         "tune.search.weight_decay: grid values must be >= 0 (at least one, or unset)")
+    need(sp.lora_r is None or (len(sp.lora_r) >= 1 and all(v >= 1 for v in sp.lora_r)),
+         "tune.search.lora_r: grid values must be >= 1 (at least one, or unset)")
+    need(sp.warmup_ratio is None or (len(sp.warmup_ratio) >= 1 and all(0 <= v < 1 for v in sp.warmup_ratio)),
+         "tune.search.warmup_ratio: grid values must be in [0, 1) (at least one, or unset)")
     need(all(v > 0 for v in tu.driver_resources.values()),
          "tune.driver_resources: every amount must be > 0 (Ray rejects an empty request)")
     # merge
     mg = cfg.merge
     need(mg.verify_samples >= 0, "merge.verify_samples: must be >= 0")
-    need(mg.verify_atol > 0, "merge.verify_atol: must be > 0")
+    need(mg.verify_atol is None or mg.verify_atol > 0, "merge.verify_atol: must be > 0 (or unset to measure it)")
+    need(mg.verify_noise_factor >= 1, "merge.verify_noise_factor: must be >= 1 (a correct merge has 1 x the noise)")
     need(mg.num_cpus > 0, "merge.num_cpus: must be > 0")
-    need(__import__("re").fullmatch(r"(?i)\s*\d+(\.\d+)?\s*(KB|MB|GB|TB)\s*", mg.max_shard_size) is not None,
-         f"merge.max_shard_size: {mg.max_shard_size!r} is not a size like 500MB or 2GB")
+    shard = __import__("re").fullmatch(r"(?i)\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)\s*", mg.max_shard_size)
+    need(shard is not None and float(shard.group(1)) > 0,
+         f"merge.max_shard_size: {mg.max_shard_size!r} is not a size > 0 like 500MB or 2GB")
     need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
-    need(mg.num_gpus >= 0, "merge.num_gpus: must be >= 0")
+    need(mg.num_gpus >= 0 and (mg.num_gpus <= 1 or mg.num_gpus == int(mg.num_gpus)),
+         "merge.num_gpus: must be >= 0, and a whole number above 1 (Ray's rule for fractional GPUs)")
     return p
 
 
 def _is_dir(path: str) -> bool:
     return not is_uri(path) and os.path.isdir(path)
+
+
+def _non_finite(obj, prefix: str) -> list[str]:
+    """Every float anywhere in the config (lists and mappings too) that is NaN or infinite, by key path."""
+    if dataclasses.is_dataclass(obj):
+        return [m for f in fields(obj) for m in _non_finite(getattr(obj, f.name), f"{prefix}.{f.name}".lstrip("."))]
+    if isinstance(obj, list):
+        return [m for i, v in enumerate(obj) for m in _non_finite(v, f"{prefix}[{i}]")]
+    if isinstance(obj, dict):
+        return [m for k, v in obj.items() for m in _non_finite(v, f"{prefix}.{k}")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [f"{prefix}: must be a finite number, got {obj}"]
+    return []
 
 
 def _exists(path: str) -> bool:

@@ -89,7 +89,9 @@ def test_run_merge_as_a_ray_task_then_noop(tiny, tmp_path, local_ray):
     base, adapter, _ = tiny
     out = run_merge(base, adapter, tmp_path / "merged", MergeConfig(dtype="bf16", num_cpus=1))
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["verification"]["max_abs_diff"] <= 5e-2 and manifest["dtype"] == "bf16"
+    v = manifest["verification"]  # the default tolerance: measured on the model (docs/MERGE.md)
+    assert v["atol_source"] == "measured" and 0 < v["noise"] and v["max_abs_diff"] <= v["atol"] < v["adapter_effect"]
+    assert manifest["dtype"] == "bf16"
     assert manifest["pid"] != os.getpid()  # it ran in a Ray worker, not here
     before = (out / MANIFEST).stat().st_mtime_ns
     assert run_merge(base, adapter, out, MergeConfig(dtype="bf16")) == out

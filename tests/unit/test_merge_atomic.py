@@ -84,7 +84,7 @@ def test_verification_catches_a_wrong_merge(tmp_path, base_and_adapter, monkeypa
         return real(key, base_tensor, adapter_, out_dtype)
 
     monkeypatch.setattr(merge_mod, "merged_tensor", corrupt)
-    cfg = MergeConfig(dtype=dtype, verify_samples=2, verify_atol=1e-4 if dtype == "fp32" else 5e-2)
+    cfg = MergeConfig(dtype=dtype, verify_samples=2)  # the measured tolerance
     with pytest.raises(MergeVerificationError, match="does not reproduce adapter-on-base"):
         merge_adapter(base, adapter, tmp_path / "merged", cfg)
     assert not (tmp_path / "merged").exists()
