@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import Config, ConfigError, join_uri, replace
+from .log_control import tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,8 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=experiment_name(cfg), storage_path=cfg.run.storage_path,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                                  verbose=tune_verbosity()),  # result tables only at --log-level DEBUG
     )
 
 
