@@ -27,13 +27,14 @@ from .log_control import LEVELS
 log = logging.getLogger(__name__)
 
 
-def _common() -> argparse.ArgumentParser:
-    """--log-level / --debug, accepted before or after the command name."""
+def _common(top: bool = False) -> argparse.ArgumentParser:
+    """--log-level / --debug, accepted before or after the command name (the command's copy has no default, so it
+    does not reset a value given before the command; a fresh parser each time, as `parents` shares actions)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=argparse.SUPPRESS,
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="INFO" if top else argparse.SUPPRESS,
                    help="INFO (default): our progress, and warnings/errors of Ray and the libraries; DEBUG: "
                         "everything Ray prints too (Ray Data plans, Tune result tables); WARNING, ERROR: less")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="print the full traceback of a user error (bad config, bad data, unreachable cluster)")
     return p
 
@@ -46,10 +47,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
-    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=__doc__, parents=[common],
+    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=__doc__, parents=[_common(top=True)],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(log_level="INFO", debug=False)
+    common = _common()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_ in [("preprocess", "run the Ray Data pipeline and write Parquet shards + a report"),
                         ("train", "one training run (Ray Train + DeepSpeed)"),

@@ -11,8 +11,8 @@ trial drivers, Train workers and Ray Data actors on every node (their output rea
 Quiet means (any level above DEBUG): Ray Data's, Ray Train's and Ray Tune's INFO chatter off (their warnings stay,
 except the State API warning that Train's placement-group cleaner repeats about once a second when the dashboard is
 off: `cluster.init_ray` says that once instead); transformers at `error` (its empty model-type warnings); Python's
-FutureWarning/DeprecationWarning off (transformers/Ray deprecations repeated by every worker); the Tune status
-tables at verbosity 1 (`tune_verbosity`).
+FutureWarning/DeprecationWarning off (transformers/Ray deprecations repeated by every worker); Tune's own
+tables off, one line per trial start/end instead (`tune_verbosity`, `want_trial_lines`).
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ RAY_DATA_QUIET_CONFIG = Path(__file__).with_name("ray_data_logging_quiet.yaml")
 
 # Ray loggers whose INFO lines are Ray's internals (plans, resource requests, process-group setup)
 RAY_CHATTY_LOGGERS = ("ray.train", "ray.tune", "ray.air")  # ray.data: RAY_DATA_QUIET_CONFIG
-# repeats once per second without the dashboard; the driver says it once instead (cluster.init_ray)
-RAY_REPEATING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# repeats once per second without the dashboard (the driver says it once instead: cluster.init_ray); the one-off
+# notice that a local Ray turned token authentication on
+RAY_REPEATING_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                         "ray._private.authentication.authentication_token_setup")
 
 
 def current_level() -> str:
@@ -61,8 +63,19 @@ def setup_worker() -> None:
 
 
 def tune_verbosity() -> int:
-    """Tune's `RunConfig(verbose=...)`: 1 (status lines) unless DEBUG asks for the per-trial result tables (3)."""
-    return 3 if current_level() == "DEBUG" else 1
+    """Tune's `RunConfig(verbose=...)`: its status and per-trial result tables (3) at DEBUG, else silent (0)."""
+    return 3 if current_level() == "DEBUG" else 0
+
+
+def want_trial_lines() -> bool:
+    """At INFO, one line per trial start and end (tune_report.trial_progress_callback) stands in for Tune's tables."""
+    return current_level() == "INFO"
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's `LoggingConfig(log_level=...)`: it filters only ray.train records on the console of its controller
+    and workers (which configure their own loggers, so a level set by the hook would not last)."""
+    return "DEBUG" if current_level() == "DEBUG" else "WARNING"
 
 
 def worker_env() -> dict[str, str]:
@@ -95,3 +108,11 @@ def _apply(level: str) -> None:
         from ray.data._internal.logging import configure_logging
 
         configure_logging()
+
+
+class DropRayDataNotices(logging.Filter):
+    """Console filter of RAY_DATA_QUIET_CONFIG: Ray Data's notice that progress bars are off (a warning printed by
+    every split coordinator; we turn them off on purpose for preprocessed re-reads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
