@@ -83,6 +83,13 @@ def build_figure(trials: "list[TrialRecord]", rows: list[dict], metric: str, bes
     a.set_ylabel(metric)
     a.set_title(f"{metric} at each evaluation")
     b.set_xscale("log")
+    # ticks at 1, 2 and 5 × 10^k as "2e-04": matplotlib's default labels every minor tick of a short log range in
+    # mathtext, which overlap
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    b.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    b.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    b.xaxis.set_minor_formatter(NullFormatter())
     b.set_xlabel("learning rate (log scale)")
     b.set_ylabel(f"best {metric} of the trial")
     b.set_title(f"best {metric} vs learning rate")

@@ -110,6 +110,10 @@ def test_tune_plot_marks_the_winner_and_matches_points_to_the_legend(tmp_path):
     assert len(stars) == 1 and tuple(stars[0].get_offsets()[0]) == (1e-3, 1.2)
     assert any(tuple(c.get_offsets()[0]) == (20, 1.2) for c in curves.collections)
     assert scatter.get_xscale() == "log" and "learning rate" in scatter.get_xlabel()
+    fig.canvas.draw()  # tick labels exist once drawn: compact, no overlapping mathtext minor labels
+    ticks = [t.get_text() for t in scatter.get_xticklabels(minor=False) if t.get_text()]
+    assert ticks and all(re.fullmatch(r"\de-\d\d", t) for t in ticks), ticks
+    assert not [t.get_text() for t in scatter.get_xticklabels(minor=True) if t.get_text()]
     assert curves.get_xlabel() == "optimizer step" and curves.get_ylabel() == "eval_loss"
     plot(trials, rows, "eval_loss", str(tmp_path / "p.png"), best_id="trial_driver_abc_00002")
     assert (tmp_path / "p.png").stat().st_size > 10_000
