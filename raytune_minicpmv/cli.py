@@ -126,13 +126,18 @@ def _user_error(e: BaseException, command: str) -> BaseException | None:
     from .path_checks import user_error_types
 
     types = user_error_types(merge=command == "merge")
-    seen = set()
-    while e is not None and id(e) not in seen:
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, types):
             cause = getattr(e, "cause", None)  # RayTaskError: the original exception, without Ray's frames
             return cause if isinstance(cause, types) else e
-        e = e.__cause__ or e.__context__
+        # Ray Train's WorkerGroupError / ControllerError carry the workers' exceptions as attributes, not as causes
+        todo += [*(getattr(e, "worker_failures", None) or {}).values(), getattr(e, "controller_failure", None),
+                 e.__cause__, e.__context__]
     return None
 
 

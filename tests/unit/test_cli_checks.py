@@ -132,6 +132,13 @@ def test_bad_data_raised_inside_ray_is_reported_as_its_message():
     except RuntimeError as outer:
         found = _user_error(outer, "preprocess")
     assert str(found) == "/d/train.json: record r-7: image_missing: images/x.png does not exist"
+    from ray.train import WorkerGroupError
+
+    from raytune_minicpmv.models.registry import CheckpointError
+
+    ckpt = CheckpointError("/m: no config.json (expected a Hugging Face checkpoint directory)")
+    group = WorkerGroupError("Training failed due to worker errors", {0: RuntimeError("x"), 1: ckpt})
+    assert _user_error(group, "train") is ckpt  # a Train worker's error, as `trainer.fit()` raises it
     assert _user_error(RuntimeError("a bug"), "train") is None
     assert _user_error(ValueError("x"), "train") is None and _user_error(ValueError("x"), "merge") is not None
 
