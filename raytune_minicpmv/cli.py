@@ -47,7 +47,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=__doc__, parents=[_common(top=True)],
+    description = "Fine-tune MiniCPM-V vision-language models on Ray (docs: README.md, docs/).\n" + \
+        __doc__.split("\n", 1)[1]  # the usage lines, without the module's own first line
+    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=description, parents=[_common(top=True)],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = _common()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
