@@ -161,8 +161,7 @@ def trial_progress_callback(metric: str, full_reports: int):
             value = last.get(metric)
             shown = f"{metric}={value:.4f}" if isinstance(value, (int, float)) else f"no {metric}"
             print(f"trial {short_id(trial.trial_id)} {how} after {reports} evaluation(s): last {shown} at step "
-                  f"{last.get('step', '?')} ({len([t for t in trials if t.is_finished()])}/{len(trials)} trials done)",
-                  flush=True)
+                  f"{last.get('step', '?')}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"trial {short_id(trial.trial_id)} failed; its error is in {trial.local_path}", flush=True)
