@@ -3,10 +3,16 @@
     raytune-minicpmv preprocess --config configs/demo.yaml [key.path=value ...]
     raytune-minicpmv train      --config configs/minicpmv26_lora.yaml [--profile] [overrides]
     raytune-minicpmv tune       --config configs/minicpmv26_tune.yaml [overrides]
+    raytune-minicpmv validate   --config CONFIG [overrides]
     raytune-minicpmv merge      --base CKPT --adapter ADAPTER_DIR --out OUT [--dtype bf16]
-    raytune-minicpmv submit     [--address URL] [--follow] -- <raytune-minicpmv command ...>
+    raytune-minicpmv submit     [--address URL] [--follow] [--dry-run] -- <raytune-minicpmv command ...>
     raytune-minicpmv status|logs|stop JOB_ID [--address URL]
     raytune-minicpmv demo       [--out DIR]
+    raytune-minicpmv configs    [ls | cp NAME DEST]
+
+Every command takes --log-level (DEBUG shows Ray's own output too) and --debug (tracebacks for user errors).
+Relative paths in a config file resolve against the file's directory; relative paths in overrides against the
+current directory.
 """
 from __future__ import annotations
 
@@ -16,102 +22,196 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
+from .log_control import LEVELS
+
+log = logging.getLogger(__name__)
+
+
+def _common(top: bool = False) -> argparse.ArgumentParser:
+    """--log-level / --debug, accepted before or after the command name (the command's copy has no default, so it
+    does not reset a value given before the command; a fresh parser each time, as `parents` shares actions)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="INFO" if top else argparse.SUPPRESS,
+                   help="INFO (default): our progress, and warnings/errors of Ray and the libraries; DEBUG: "
+                        "everything Ray prints too (Ray Data plans, Tune result tables); WARNING, ERROR: less")
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="print the full traceback of a user error (bad config, bad data, unreachable cluster)")
+    return p
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    p.add_argument("--config", "-c", required=True, help="YAML config (`raytune-minicpmv configs ls` lists recipes)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="dotted overrides with YAML values, e.g. optim.lr=3e-4 train.max_steps=100; relative "
+                        "paths resolve against the current directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=__doc__,
+    description = "Fine-tune MiniCPM-V vision-language models on Ray (docs: README.md, docs/).\n" + \
+        __doc__.split("\n", 1)[1]  # the usage lines, without the module's own first line
+    parser = argparse.ArgumentParser(prog="raytune-minicpmv", description=description, parents=[_common(top=True)],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = _common()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_ in [("preprocess", "run the Ray Data pipeline and write Parquet shards + a report"),
                         ("train", "one training run (Ray Train + DeepSpeed)"),
                         ("tune", "learning-rate search with ASHA, then merge the best trial"),
-                        ("validate", "load and validate a config, print it resolved")]:
-        sp = sub.add_parser(name, help=help_)
+                        ("validate", "check a config and its paths (no Ray), print it resolved")]:
+        sp = sub.add_parser(name, help=help_, description=help_, parents=[common])
         _add_config_args(sp)
         if name == "train":
             sp.add_argument("--profile", action="store_true",
                             help="torch-profile 5 steps (train.profile_steps=N for another count): a trace file, "
                                  "the top kernels and the GPU idle %%")
-    m = sub.add_parser("merge", help="merge a LoRA adapter (+ fully trained modules) into a base checkpoint")
-    m.add_argument("--base", required=True)
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--config", "-c", default=None, help="optional config for merge.* settings")
-    m.add_argument("overrides", nargs="*")
-    s = sub.add_parser("submit", help="submit a command as a Ray Job")
-    s.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or 127.0.0.1:8265)")
-    s.add_argument("--follow", action="store_true", help="stream logs until the job ends")
-    s.add_argument("--working-dir", default=".", help="uploaded as the job's working dir")
-    s.add_argument("--submission-id", default=None)
-    s.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job's environment")
+    m = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter (+ fully trained modules) into a base "
+                       "checkpoint", description="merge a LoRA adapter into a base checkpoint (a Ray task)")
+    m.add_argument("--base", required=True, help="base checkpoint directory (config.json + safetensors)")
+    m.add_argument("--adapter", required=True, help="adapter directory: a checkpoint's adapter/ (or the checkpoint "
+                                                    "dir), a PEFT adapter, or an official-script output")
+    m.add_argument("--out", required=True, help="output directory of the merged checkpoint (published atomically)")
+    m.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the merged weights (default: merge.dtype of --config, else bf16)")
+    m.add_argument("--config", "-c", default=None, help="optional config for merge.* and ray.* settings")
+    m.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of that config, e.g. "
+                                                                         "merge.verify_samples=0")
+    s = sub.add_parser("submit", parents=[common], help="submit a command as a Ray Job",
+                       description="submit a command as a Ray Job (uploads --working-dir minus secrets, data, "
+                                   "checkpoints and .gitignore'd files; see docs/CLUSTER.md)")
+    s.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_API_SERVER_ADDRESS, an "
+                                                   "http(s) RAY_ADDRESS, else http://127.0.0.1:8265); wins over both")
+    s.add_argument("--follow", action="store_true", help="stream logs until the job ends (exit 0 if it SUCCEEDED)")
+    s.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default: .)")
+    s.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="one more gitignore-style pattern not to upload (repeatable; '!PATTERN' re-includes a file)")
+    s.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded and exit")
+    s.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks raysubmit_...)")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job on every node (repeatable)")
     s.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- raytune-minicpmv tune --config ...")
     for name in ("status", "logs", "stop"):
-        j = sub.add_parser(name, help=f"{name} of a submitted job")
-        j.add_argument("job_id")
-        j.add_argument("--address", default=None)
+        j = sub.add_parser(name, parents=[common], help=f"{name} of a submitted job")
+        j.add_argument("job_id", help="the id `submit` printed (raysubmit_...)")
+        j.add_argument("--address", default=None, help="Ray dashboard address (as for submit)")
         if name == "logs":
-            j.add_argument("--follow", action="store_true")
-    d = sub.add_parser("demo", help="the whole chain on a tiny model, sample data and a local Ray (CPU)")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("overrides", nargs="*")
+            j.add_argument("--follow", action="store_true", help="stream until the job ends (exit 0 if it SUCCEEDED)")
+    d = sub.add_parser("demo", parents=[common], help="the whole chain on a tiny model, sample data and a local Ray "
+                                                      "(CPU)")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out); a rerun resumes there")
+    d.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of the demo recipe")
+    c = sub.add_parser("configs", parents=[common], help="list or copy the shipped recipes",
+                       description="list (ls) or copy (cp NAME DEST) the recipes shipped with the package")
+    c.add_argument("action", nargs="?", choices=("ls", "cp"), default="ls", help="ls (default) or cp")
+    c.add_argument("name", nargs="?", help="cp: recipe name, e.g. minicpmv26_lora (or .yaml)")
+    c.add_argument("dest", nargs="?", help="cp: destination file or directory")
+    c.add_argument("--force", action="store_true", help="cp: overwrite an existing file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import log_control
+
+    log_control.configure(args.log_level)
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors get their message, everything else its traceback
+        user_error = _user_error(e, args.command)
+        if user_error is None or args.debug:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        if not isinstance(user_error, ConfigError):
+            print("(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
+
+
+def _user_error(e: BaseException, command: str) -> BaseException | None:
+    """The user-fixable error behind `e` (also when Ray wrapped it: RayTaskError, Ray Data's UserCodeException),
+    or None for a bug."""
+    from .path_checks import user_error_types
+
+    types = user_error_types(merge=command == "merge")
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, types):
+            cause = getattr(e, "cause", None)  # RayTaskError: the original exception, without Ray's frames
+            return cause if isinstance(cause, types) else e
+        # Ray Train's WorkerGroupError / ControllerError carry the workers' exceptions as attributes, not as causes
+        todo += [*(getattr(e, "worker_failures", None) or {}).values(), getattr(e, "controller_failure", None),
+                 e.__cause__, e.__context__]
+    return None
 
 
 def _dispatch(args) -> int:
     cmd = args.command
-    if cmd == "validate":
-        cfg = load_config(args.config, args.overrides)
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    if cmd == "preprocess":
-        from .pipeline import run_preprocess
-
-        run_preprocess(load_config(args.config, args.overrides))
-        return 0
-    if cmd == "train":
-        from .train import run_train
-
-        profile = ["train.profile_steps=5"] if args.profile and not any(
-            o.startswith("train.profile_steps=") for o in args.overrides) else []
-        run_train(load_config(args.config, [*args.overrides, *profile]))
-        return 0
-    if cmd == "tune":
-        from .tune import run_tune
-
-        run_tune(load_config(args.config, args.overrides))
-        return 0
-    if cmd == "merge":
-        from .merge import run_merge
-
-        cfg = load_config(args.config, args.overrides, check_paths=False)
-        run_merge(args.base, args.adapter, args.out, cfg.merge)
-        return 0
     if cmd in ("submit", "status", "logs", "stop"):
         from . import jobs
 
         return jobs.cli(args)
+    if cmd == "configs":
+        from .recipes import configs_cmd
+
+        return configs_cmd(args.action, args.name, args.dest, force=args.force)
+    if cmd == "merge":
+        return _merge(args)
     if cmd == "demo":
         from .demo import run_demo
 
         run_demo(args.out, args.overrides)
         return 0
+    overrides = list(args.overrides)
+    if getattr(args, "profile", False) and not any(o.startswith("train.profile_steps=") for o in overrides):
+        overrides.append("train.profile_steps=5")
+    cfg = _load(args.config, overrides, need_weights=cmd != "preprocess")
+    if cmd == "validate":
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if cmd == "preprocess":
+        from .pipeline import run_preprocess
+
+        run_preprocess(cfg)
+        return 0
+    if cmd == "train":
+        from .train import run_train
+
+        run_train(cfg)
+        return 0
+    if cmd == "tune":
+        from .tune import run_tune
+
+        run_tune(cfg)
+        return 0
     raise AssertionError(cmd)
+
+
+def _load(path, overrides, need_weights: bool):
+    """load_config + the checks that depend on the command (train/tune/validate load weights; preprocess does not)."""
+    from .path_checks import weights_problems
+
+    cfg = load_config(path, overrides)
+    problems = weights_problems(cfg.model.path) if need_weights else []
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _merge(args) -> int:
+    from .merge import run_merge
+    from .path_checks import merge_input_problems
+
+    overrides = list(args.overrides) + ([f"merge.dtype={args.dtype}"] if args.dtype else [])
+    cfg = load_config(args.config, overrides, check_paths=False)
+    problems = merge_input_problems(args.base, args.adapter, args.out)
+    if problems:
+        raise ConfigError(problems)
+    run_merge(args.base, args.adapter, args.out, cfg.merge, cfg=cfg)
+    return 0
 
 
 if __name__ == "__main__":

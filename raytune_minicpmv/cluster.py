@@ -6,8 +6,10 @@ cluster when asked.
     check_storage(cfg)         # refuses a node-local run.storage_path on a multi-node cluster
 
 Address precedence: `ray.address` in the config, then the `RAY_ADDRESS` environment variable (set by Ray Jobs for
-submitted jobs), then a new local Ray (``address="local"``, so a stray `ray start` cluster on this machine is never
-joined by accident).
+submitted jobs; an http(s):// RAY_ADDRESS is a dashboard URL for `submit`, not for ray.init, and is skipped), then the
+running cluster when the command runs inside a Ray job, else a new local Ray (``address="local"``, so a stray
+`ray start` cluster on this machine is never joined by accident). The shipped recipes leave `ray.address` unset: the
+same command runs on a laptop (local Ray) and as a submitted job (the cluster).
 
 Inside a Ray Job (``raytune-minicpmv submit``) the job's runtime env (working_dir, env vars chosen at submit time) is
 merged with ours; a variable set at submit time wins over the config's value (see `init_ray`).
@@ -20,6 +22,7 @@ import os
 import time
 import uuid
 
+from . import log_control
 from .config import Config, ConfigError, is_uri, join_uri
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,22 @@ def runtime_env_vars(cfg: Config) -> dict[str, str]:
                 "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
         if key in os.environ:
             env[key] = os.environ[key]
+    env.update(log_control.worker_env())  # --log-level, applied in every worker by log_control.WORKER_HOOK
     return env
+
+
+def ray_address(cfg: Config) -> str | None:
+    """The cluster to join (see the module docstring), or None for a new local Ray."""
+    if cfg.ray.address:
+        return cfg.ray.address
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and not env.startswith(("http://", "https://")):
+        return env
+    if env:
+        log.info("RAY_ADDRESS=%s is a dashboard URL (for `raytune-minicpmv submit`), not a cluster to join", env)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray job's driver: its own cluster
+        return "auto"
+    return None
 
 
 def init_ray(cfg: Config):
@@ -60,11 +78,14 @@ def init_ray(cfg: Config):
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.ray.worker_group_start_timeout_s)))
     if ray.is_initialized():
         return ray
-    env = {"env_vars": _without_job_env_vars(runtime_env_vars(cfg))}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": _without_job_env_vars(runtime_env_vars(cfg)),
+           "worker_process_setup_hook": log_control.WORKER_HOOK}
+    # Ray's own driver lines (token-auth notice, ...) only at DEBUG; the dashboard URL is logged below
+    quiet = {"logging_level": logging.WARNING} if log_control.is_quiet() else {}
+    address = ray_address(cfg)
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=True, **quiet)
     else:
         log.info("starting a local Ray (num_cpus=%s)", cfg.ray.num_cpus)
         extra = {}
@@ -77,8 +98,13 @@ def init_ray(cfg: Config):
             port = _free_port()
             env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             extra["dashboard_port"] = port
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 runtime_env=env, log_to_driver=True, **extra)
+        else:
+            log.warning("ray.include_dashboard=false: without the State API, Ray Train cannot free the placement "
+                        "group of a stopped trial (its cleaner's repeated warning is hidden below DEBUG)")
+        context = ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                           runtime_env=env, log_to_driver=True, **extra, **quiet)
+        if context.dashboard_url:
+            log.info("local Ray dashboard: http://%s", context.dashboard_url)
     return ray
 
 

@@ -5,7 +5,8 @@
 `load_config` reads the YAML, applies dotted ``key.path=value`` overrides (values parsed as YAML scalars),
 builds the dataclasses and validates them. Every problem (unknown key, wrong type, out-of-range value, missing
 path, inconsistent combination) is collected and raised at once as a `ConfigError` naming the key path and the
-fix. Relative paths in a config file resolve against the file's directory, so a config works from any CWD.
+fix. Relative paths in a config file resolve against the file's directory, so a config works from any CWD;
+relative paths given as overrides (on the command line) resolve against the current directory, as a shell would.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from .path_checks import checkpoint_problems, data_file_problems, storage_problems
 
 
 class ConfigError(ValueError):
@@ -267,20 +270,39 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file {path} does not exist"])
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: top level must be a mapping of sections"])
+        raw = _read_yaml(path)
         base_dir = path.resolve().parent
     problems: list[str] = []
+    overridden: set[str] = set()
     for ov in overrides:
         _apply_override(raw, ov, problems)
+        overridden.add(ov.split("=", 1)[0].strip())
     cfg = _build(Config, raw, "", problems)
     if cfg is not None:
-        cfg = _resolve_paths(cfg, base_dir)
+        # file paths against the file's directory, command-line paths against the current directory
+        cfg = _resolve_paths(cfg, base_dir, overridden)
         problems += validate(cfg, check_paths=check_paths)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    """The file's mapping; a syntax error is a ConfigError naming file:line:column, not a parser traceback."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        parts, first = [], None
+        for text, mark in ((getattr(e, "context", None), getattr(e, "context_mark", None)),
+                           (getattr(e, "problem", None), getattr(e, "problem_mark", None))):
+            if text and mark is not None:
+                first = first or mark
+                parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})")
+        where = f"{path}:{first.line + 1}" if first is not None else str(path)
+        raise ConfigError([f"{where}: YAML syntax error: {': '.join(parts) or e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    return raw
 
 
 def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None, check_paths: bool = True) -> Config:
@@ -313,14 +335,19 @@ def _apply_override(raw: dict, override: str, problems: list[str]) -> None:
         if not isinstance(node, dict):
             problems.append(f"override {override!r}: {p} is not a section")
             return
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        problems.append(f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', e)})")
 
 
 def _build(cls, raw: Any, prefix: str, problems: list[str]):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        problems.append(f"{prefix or '<top>'}: expected a mapping, got {type(raw).__name__}")
+        section = prefix.rstrip(".")
+        problems.append(f"{section or '<top>'}: expected a section of keys, got {raw!r}"
+                        + (f" (set its keys: {section}.KEY=VALUE)" if section else ""))
         return None
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
@@ -344,7 +371,8 @@ def _coerce(tp, value, key: str, problems: list[str]):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", problems), True
+        built = _build(tp, value, key + ".", problems)  # None (problem reported) for e.g. the override `train=5`
+        return built, built is not None
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None, True
@@ -397,20 +425,20 @@ def _closest(key: str, options: set[str]) -> Optional[str]:
     return m[0] if m else None
 
 
-def _resolve_paths(cfg: Config, base: Path) -> Config:
-    def res(p: Optional[str]) -> Optional[str]:
-        if not p or is_uri(p) or os.path.isabs(p):
-            return p
-        return str((base / p).resolve())
+PATH_KEYS = ("run.storage_path", "data.train_path", "data.eval_path", "data.output_path", "data.tokenizer_path",
+             "model.path", "merge.output_path")
 
-    return replace(
-        cfg,
-        run={"storage_path": res(cfg.run.storage_path)},
-        data={"train_path": res(cfg.data.train_path), "eval_path": res(cfg.data.eval_path),
-              "output_path": res(cfg.data.output_path), "tokenizer_path": res(cfg.data.tokenizer_path)},
-        model={"path": res(cfg.model.path)},
-        merge={"output_path": res(cfg.merge.output_path)},
-    )
+
+def _resolve_paths(cfg: Config, base: Path, from_cwd: set[str] = frozenset()) -> Config:
+    """Relative paths made absolute: against `base`, or against the CWD for the keys in `from_cwd` (overrides)."""
+    sections: dict[str, dict] = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        p = getattr(getattr(cfg, section), name)
+        if p and not is_uri(p) and not os.path.isabs(p):
+            p = str(((Path.cwd() if key in from_cwd else base) / p).resolve())
+        sections.setdefault(section, {})[name] = p
+    return replace(cfg, **sections)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -458,12 +486,17 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              f"data.eval_path: {d.eval_path} is a directory; give one .json, .jsonl or .parquet file")
         need(d.tokenizer_path is None or _exists(d.tokenizer_path),
              f"data.tokenizer_path: {d.tokenizer_path} does not exist")
+        if not d.preprocessed:
+            p += data_file_problems("data.train_path", d.train_path) + data_file_problems("data.eval_path",
+                                                                                          d.eval_path)
+        p += storage_problems(cfg.run.storage_path)
     # model
     m = cfg.model
     if check_paths:
         need(bool(m.path) or d.tokenizer_path is not None,
              "model.path: required (a checkpoint directory; `raytune-minicpmv demo` builds a tiny one)")
         need(not m.path or _exists(m.path), f"model.path: {m.path} does not exist")
+        p += checkpoint_problems(m.path, m.family)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:

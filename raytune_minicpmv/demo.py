@@ -13,7 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from .recipes import recipe_path
+
+DEMO_CONFIG = recipe_path("demo")  # configs/demo.yaml, or the copy shipped in the wheel
 
 
 def prepare_demo_inputs(out: Path) -> dict[str, str]:

@@ -5,13 +5,15 @@
     raytune-minicpmv logs   JOB_ID [--address URL] [--follow]
     raytune-minicpmv stop   JOB_ID [--address URL]
 
-How it works: `submit` uploads the project directory as the job's working_dir (the config file travels with it; large
-data and checkpoints do not: they live on shared storage), forwards NCCL_* / RAY_TRAIN_* settings of the submitting
+How it works: `submit` uploads the project directory as the job's working_dir (the config file travels with it) minus
+secrets, data, checkpoints, environments and whatever .gitignore/.rayignore list (job_upload.py), prints the count and
+size first and refuses a package over the Jobs API's 100 MiB limit before uploading; it forwards NCCL_* / RAY_TRAIN_* settings of the submitting
 shell plus `--env` pairs, and asks for one unit of the head's driver resource (`trial_driver`) when the cluster has
 it, so the job driver runs on the CPU head and not on a GPU node that the autoscaler may remove.
 
 Address: `--address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (when it is an http(s) URL), else
-http://127.0.0.1:8265 (e.g. through `ray dashboard cluster.yaml`). Token authentication: the token is read the way
+http://127.0.0.1:8265 (e.g. through `ray dashboard cluster.yaml`). The chosen address is the only one contacted (Ray's
+client would replace it by RAY_ADDRESS), and a cluster that does not answer within CONNECT_TIMEOUT_S is an error. Token authentication: the token is read the way
 Ray reads it (RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) and sent as a
 bearer header, whether or not RAY_AUTH_MODE is set in the submitting shell.
 
@@ -30,13 +32,12 @@ import time
 from pathlib import Path
 
 from .config import RayConfig
+from .job_upload import DEFAULT_EXCLUDES, UploadError, check_upload_size, plan_upload
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Never uploaded (Ray also honours .gitignore): environments, VCS data, local run outputs, caches.
-WORKING_DIR_EXCLUDES = [".git", ".venv", "venv", "runs", "demo_out", "**/__pycache__", "*.pyc", ".pytest_cache",
-                        "*.egg-info", "build", "dist", "*.safetensors", "*.bin", "*.pt"]
+CONNECT_TIMEOUT_S = 10.0  # the first request to the Jobs API; Ray's client itself never times out
 # Settings of the submitting shell that the job needs on every node (networking, Train timeouts).
 FORWARDED_ENV_PREFIXES = ("NCCL_", "RAY_TRAIN_")
 FORWARDED_ENV_KEYS = ("TORCH_CUDA_ARCH_LIST", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TORCH_EXTENSIONS_DIR")
@@ -72,7 +73,7 @@ def cli(args) -> int:
               "(on the head: `ray get-auth-token`), or RAY_AUTH_TOKEN_PATH=FILE, or put it in ~/.ray/auth_token.",
               file=sys.stderr)
         return 2
-    except (ConnectionError, RuntimeError, ValueError) as e:  # JobError; the SDK's "job not found", "id taken"
+    except (ConnectionError, RuntimeError, ValueError) as e:  # JobError, UploadError; the SDK's "job not found"
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
@@ -82,7 +83,15 @@ def _submit_cmd(args) -> int:
     entrypoint = _strip_separator(args.entrypoint)
     working_dir = Path(args.working_dir).resolve()
     check_entrypoint(entrypoint, working_dir)  # before any upload or connection
-    runtime_env = build_runtime_env(working_dir, args.env)
+    runtime_env = build_runtime_env(working_dir, args.env, args.exclude)
+    plan = plan_upload(working_dir, runtime_env["excludes"])
+    if args.dry_run:
+        for path, size in plan.files:
+            print(f"{size:>12,d}  {path}")
+        print(plan.summary().replace("uploading", "would upload"), file=sys.stderr)
+        return 0
+    check_upload_size(plan, runtime_env["excludes"])
+    print(plan.summary(), file=sys.stderr, flush=True)
     client = make_client(resolve_address(args.address))
     resources = entrypoint_resources(client.get_address())
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
@@ -102,7 +111,8 @@ def _submit_cmd(args) -> int:
 def resolve_address(address: str | None) -> str:
     """--address, else RAY_API_SERVER_ADDRESS, else an http(s) RAY_ADDRESS, else the local port-forward."""
     if address:
-        return address
+        # host:port without a scheme is the dashboard too (Ray's client would read it as a GCS address)
+        return address if "://" in address else f"http://{address}"
     if os.environ.get("RAY_API_SERVER_ADDRESS"):
         return os.environ["RAY_API_SERVER_ADDRESS"]
     # RAY_ADDRESS may also hold a GCS address (host:6379) meant for ray.init; only a dashboard URL fits here.
@@ -125,14 +135,30 @@ def auth_headers() -> dict[str, str]:
     return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
 
 
-def make_client(address: str):
+def make_client(address: str, timeout_s: float = CONNECT_TIMEOUT_S):
+    """A JobSubmissionClient talking to `address` and nothing else; JobError when it does not answer in time."""
+    import requests
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=auth_headers())
+    headers = auth_headers()
+    try:  # Ray's client sends its first requests without a timeout: a silent host would hang it for minutes
+        requests.get(f"{address.rstrip('/')}/api/version", headers=headers, timeout=timeout_s)
+    except requests.exceptions.RequestException as e:
+        raise JobError(f"cannot reach the Ray Jobs API at {address} within {timeout_s:.0f} s "
+                       f"({type(e).__name__}). Is the cluster up and the dashboard forwarded "
+                       "(`ray dashboard cluster.yaml`)? Give the address with --address http://HOST:8265.") from None
+    # Ray's client replaces the address it is given by RAY_API_SERVER_ADDRESS / RAY_ADDRESS; the one we resolved
+    # (the --address flag first) must win, so hide them while it is built (it keeps the address it resolved).
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    finally:
+        os.environ.update(saved)
 
 
-def build_runtime_env(working_dir: Path, env_pairs: list[str]) -> dict:
-    """working_dir + excludes + the env vars the job needs (forwarded settings, then --env pairs)."""
+def build_runtime_env(working_dir: Path, env_pairs: list[str], extra_excludes: list[str] = ()) -> dict:
+    """working_dir + excludes (ours, then --exclude patterns) + the env vars the job needs (forwarded settings,
+    then --env pairs)."""
     if not working_dir.is_dir():
         raise JobError(f"--working-dir {working_dir} is not a directory")
     env = {"PYTHONUNBUFFERED": "1"}  # logs stream to `--follow` as they are written
@@ -144,7 +170,7 @@ def build_runtime_env(working_dir: Path, env_pairs: list[str]) -> dict:
         if not sep or not key:
             raise JobError(f"--env {pair!r}: expected KEY=VALUE")
         env[key] = value
-    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+    return {"working_dir": str(working_dir), "excludes": [*DEFAULT_EXCLUDES, *extra_excludes], "env_vars": env}
 
 
 def check_entrypoint(entrypoint: list[str], working_dir: Path) -> None:

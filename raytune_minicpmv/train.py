@@ -108,10 +108,11 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
     (e.g. its lr already applied with `config.replace`). Dotted keys at the top level of that dict
     (``{"optim.lr": 3e-4}``) are applied as overrides in the worker too.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .cluster import runtime_env_vars
+    from .log_control import ray_train_log_level
 
     run_name = run_name or cfg.run.name
     if datasets is None:
@@ -129,6 +130,7 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
             checkpoint_config=checkpoint_config(cfg, has_eval="eval" in datasets),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": runtime_env_vars(cfg)},
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),  # Train's own INFO lines: DEBUG only
             callbacks=list(callbacks or [])),
         datasets=datasets,
     )

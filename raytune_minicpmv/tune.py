@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import Config, ConfigError, join_uri, replace
+from .log_control import tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,15 @@ def make_trial_driver(cfg: Config):
     return trial_driver
 
 
+def trial_progress_callbacks(cfg: Config) -> list:
+    from .log_control import want_trial_lines
+    from .tune_report import trial_progress_callback
+
+    if not want_trial_lines():
+        return []
+    return [trial_progress_callback(cfg.tune.metric, cfg.tune.max_t or reports_per_trial(cfg))]
+
+
 def _build_or_restore_tuner(cfg: Config, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -202,7 +212,9 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=experiment_name(cfg), storage_path=cfg.run.storage_path,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                                  # Tune's tables only at --log-level DEBUG; one line per trial start/end otherwise
+                                  verbose=tune_verbosity(), callbacks=trial_progress_callbacks(cfg)),
     )
 
 

@@ -41,31 +41,72 @@ def format_table(rows: list[dict], metric: str, device: str) -> str:
     return "\n".join(lines)
 
 
-def plot(trials: "list[TrialRecord]", rows: list[dict], metric: str, path: str) -> None:
+def short_id(trial_id: str) -> str:
+    """`trial_driver_563b1_00002` → `563b1_00002` (what Tune's own status lines print)."""
+    return trial_id.split("_", 2)[-1] if trial_id.startswith("trial_driver_") else trial_id
+
+
+def build_figure(trials: "list[TrialRecord]", rows: list[dict], metric: str, best_id: str | None):
+    """Left: `metric` per evaluation step, one colour per trial (dashed: stopped early). Right: each trial's best
+    `metric` against its learning rate, in the same colour as its curve. The winning trial is a star in both panels
+    and named in the legend; one legend (below) serves both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for t in trials:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.2))
+    colours = plt.get_cmap("tab10" if len(trials) <= 10 else "tab20")
+    best_of = {r["trial"]: r for r in rows}
+    handles = []
+    for i, t in enumerate(trials):
+        colour = colours(i % colours.N)
         pts = [(int(r.get("step", 0)), r[metric]) for r in t.history if r.get(metric) is not None]
+        lr = t.config.get("lr")
+        won = t.trial_id == best_id
+        label = f"{short_id(t.trial_id)}  lr={lr:.2g}" if lr else short_id(t.trial_id)
+        label += f"  ({t.status})" + ("  ★ best" if won else "")
+        style = "-" if t.status == "finished" else "--"
         if pts:
-            lr = t.config.get("lr")
-            a.plot(*zip(*pts), marker="o", label=f"{t.trial_id} lr={lr:.2g}" if lr else t.trial_id,
-                   linestyle="-" if t.status == "finished" else "--")
-    a.set_xlabel("step")
+            a.plot(*zip(*pts), color=colour, linestyle=style, marker="o", markersize=4, linewidth=2.5 if won else 1.5)
+        row = best_of.get(t.trial_id)
+        if row and lr and row["best"] == row["best"]:
+            b.scatter([lr], [row["best"]], color=colour, s=220 if won else 60, marker="*" if won else "o",
+                      edgecolors="black" if won else "none", zorder=3)
+            if won:
+                a.scatter([row["best_step"]], [row["best"]], color=colour, s=220, marker="*", edgecolors="black",
+                          zorder=3)
+        handles.append(Line2D([], [], color=colour, linestyle=style, marker="*" if won else "o",
+                              markersize=12 if won else 6, label=label))
+    a.set_xlabel("optimizer step")
     a.set_ylabel(metric)
-    a.set_title(f"{metric} per trial (dashed: stopped early)")
-    a.legend(fontsize=7)
-    pts = [(r["lr"], r["best"]) for r in rows if r["lr"] is not None and r["best"] == r["best"]]
-    if pts:
-        b.scatter(*zip(*pts))
-        b.set_xscale("log")
-    b.set_xlabel("learning rate")
-    b.set_ylabel(f"best {metric}")
+    a.set_title(f"{metric} at each evaluation")
+    b.set_xscale("log")
+    # ticks at 1, 2 and 5 × 10^k as "2e-04": matplotlib's default labels every minor tick of a short log range in
+    # mathtext, which overlap
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    b.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    b.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+    b.xaxis.set_minor_formatter(NullFormatter())
+    b.set_xlabel("learning rate (log scale)")
+    b.set_ylabel(f"best {metric} of the trial")
     b.set_title(f"best {metric} vs learning rate")
-    fig.tight_layout()
+    for ax in (a, b):
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=10)
+        ax.xaxis.label.set_size(11)
+        ax.yaxis.label.set_size(11)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(handles) - 1) // 3 + 1), 1, 1))
+    return fig
+
+
+def plot(trials: "list[TrialRecord]", rows: list[dict], metric: str, path: str, best_id: str | None = None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(trials, rows, metric, best_id)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -88,7 +129,7 @@ def write_tune_report(exp_dir: str, trials: "list[TrialRecord]", best: "BestTria
     if is_uri(exp_dir):
         return summary  # object storage: the Tune experiment state is there; the local report is printed only
     os.makedirs(exp_dir, exist_ok=True)
-    plot(trials, rows, cfg.tune.metric, join_uri(exp_dir, "tune_results.png"))
+    plot(trials, rows, cfg.tune.metric, join_uri(exp_dir, "tune_results.png"), best_id=best.trial_id)
     with open(join_uri(exp_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     md = [f"# Tune report: {cfg.run.name}", "",
@@ -100,3 +141,29 @@ def write_tune_report(exp_dir: str, trials: "list[TrialRecord]", best: "BestTria
     with open(join_uri(exp_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     return summary
+
+
+def trial_progress_callback(metric: str, full_reports: int):
+    """A Tune callback printing one line when a trial starts and one when it ends. It replaces Tune's own console
+    output below --log-level DEBUG (`log_control.tune_verbosity`), whose per-trial result tables made up most of a
+    demo's output; the step lines come from the workers, the full table at the end from `write_tune_report`."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+            print(f"trial {short_id(trial.trial_id)} started: {params}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            reports = int(last.get("training_iteration", 0))
+            how = "finished" if reports >= full_reports else "stopped early by ASHA"
+            value = last.get(metric)
+            shown = f"{metric}={value:.4f}" if isinstance(value, (int, float)) else f"no {metric}"
+            print(f"trial {short_id(trial.trial_id)} {how} after {reports} evaluation(s): last {shown} at step "
+                  f"{last.get('step', '?')}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {short_id(trial.trial_id)} failed; its error is in {trial.local_path}", flush=True)
+
+    return TrialProgress()

@@ -119,3 +119,43 @@ def test_image_installs_the_package_with_ray_extras():
     assert "pip install --no-cache-dir ." in text
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)[1]
     assert f":{version('ray')}-" in base, "the base image carries the same Ray as the pip pin"
+
+
+AWS_SG_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
+
+
+def test_ssh_is_not_open_to_the_world(cluster):
+    """Without SecurityGroupIds Ray creates a group with port 22 open to 0.0.0.0/0 (its default rule); every node
+    type names our own group instead, whose placeholder id AWS rejects until the user sets it."""
+    import ray
+
+    # (read, not imported: the AWS module needs boto3, which only the machine running `ray up` has)
+    aws = (Path(ray.__file__).parent / "autoscaler" / "_private" / "aws" / "config.py").read_text()
+    default_ssh = aws[aws.index("def _create_default_ssh_inbound_rules"):][:400]
+    assert '"FromPort": 22' in default_ssh and '"0.0.0.0/0"' in default_ssh, \
+        "Ray's default SSH rule changed; revisit the security-group comment in cluster.yaml"
+    for name, node in cluster["available_node_types"].items():
+        groups = node["node_config"].get("SecurityGroupIds")
+        assert groups, f"{name}: no SecurityGroupIds, so `ray up` would open SSH to 0.0.0.0/0"
+        for sg in groups:
+            assert not AWS_SG_ID.match(sg), f"{name}: {sg} looks like a real group id in the shipped file"
+            assert sg == "sg-REPLACE-ME"
+    assert "0.0.0.0/0" not in json.dumps(cluster.get("provider", {}))
+
+
+def test_shared_storage_is_not_world_writable(cluster):
+    """Checkpoints are unpickled on resume: a world-writable mount lets any local user plant code in the next run."""
+    cmds = " ".join(cluster["initialization_commands"])
+    assert "1777" not in cmds and "777" not in cmds and "o+w" not in cmds
+    mode = re.search(r"chmod (0?[0-7]{3}) /mnt/shared", cmds)
+    assert mode and int(mode[1], 8) & 0o002 == 0
+
+
+def test_the_image_is_pinned_by_digest_and_names_the_versions(cluster):
+    image = cluster["docker"]["image"]
+    name, _, digest = image.partition("@")
+    assert digest.startswith("sha256:"), "a tag alone can move between the head's and a later GPU node's pull"
+    tag = name.rsplit(":", 1)[1]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert tag.startswith(f"{project['version']}-ray{version('ray')}-"), tag
+    assert "latest" not in image

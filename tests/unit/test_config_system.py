@@ -15,6 +15,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_overrides_and_types(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "minicpmv", "version": "2.6"}')
     p = _write(tmp_path, "data: {train_path: d.json}\nmodel: {path: m}\n")
     cfg = load_config(p, ["optim.lr=3e-4", "train.max_steps=7", "scaling.use_gpu=false", "tune.search.lr=[1e-5,1e-3]",
                           "tune.driver_resources={CPU: 0.1}"])

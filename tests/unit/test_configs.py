@@ -49,3 +49,43 @@ def test_recommended_recipes_let_the_engine_choose_and_never_pin_zero3(name):
     assert cfg.deepspeed.zero_stage == "auto" and cfg.model.gradient_checkpointing == "auto"
     assert cfg.data.preprocessed and cfg.train.micro_batch_size == 8 and cfg.train.logging_steps >= 10
     assert cfg.trainable.llm == ("lora" if "lora" in name else "full") and cfg.trainable.vision == "full"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = [p for p in CONFIGS if p.name != "demo.yaml"]
+
+
+def _cluster_mounts() -> set[str]:
+    """Container paths that cluster.yaml mounts from the host's shared storage (`--volume HOST:CONTAINER`)."""
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    return {opt.split()[1].split(":")[1] for opt in cluster["docker"]["run_options"] if opt.startswith("--volume ")}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipes_do_not_pin_a_cluster_and_write_to_the_shared_mount(path, monkeypatch):
+    """ray.address: auto would join any Ray on a laptop (or fail without one): recipes leave it unset. Their storage
+    and input paths lie on cluster.yaml's shared mount, so checkpoints are visible from every node."""
+    from raytune_minicpmv.cluster import ray_address
+
+    raw = yaml.safe_load(path.read_text())
+    assert "address" not in (raw.get("ray") or {}), f"{path.name}: sets ray.address"
+    cfg = load_config(path, check_paths=False)
+    for key in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(key, raising=False)
+    assert ray_address(cfg) is None  # a new local Ray
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert ray_address(cfg) == "auto"  # inside a Ray job: its cluster
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_address(cfg) == "10.0.0.5:6379"
+    mounts = _cluster_mounts()
+    assert mounts, "cluster.yaml mounts shared storage"
+    for value in (cfg.run.storage_path, cfg.data.train_path, cfg.data.eval_path, cfg.model.path):
+        assert any(value.startswith(m.rstrip("/") + "/") for m in mounts), f"{path.name}: {value} not under {mounts}"
+
+
+def test_a_dashboard_url_in_ray_address_is_not_a_cluster_to_join(monkeypatch):
+    from raytune_minicpmv.cluster import ray_address
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # exported for `submit`
+    assert ray_address(load_config(None, check_paths=False)) is None

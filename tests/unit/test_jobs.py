@@ -6,6 +6,12 @@ Run: .venv/bin/python -m pytest tests/unit/test_jobs.py -q
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
 import pytest
 
 from raytune_minicpmv import cluster, jobs
@@ -62,7 +68,7 @@ def test_runtime_env_uploads_the_project_and_forwards_cluster_settings(clean_env
     clean_env.setenv("SOME_PRIVATE_THING", "x")
     env = jobs.build_runtime_env(tmp_path, ["HF_HUB_OFFLINE=1", "A=b=c"])
     assert env["working_dir"] == str(tmp_path)
-    assert {".venv", ".git", "runs"} <= set(env["excludes"])
+    assert {".venv", ".git", "runs/"} <= set(env["excludes"])
     assert env["env_vars"]["NCCL_DEBUG"] == "INFO"
     assert env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "1200"
     assert env["env_vars"]["A"] == "b=c" and env["env_vars"]["HF_HUB_OFFLINE"] == "1"
@@ -117,3 +123,89 @@ def test_job_env_wins_over_the_config_inside_a_submitted_job(clean_env):
     # Ray refuses to merge a job env and a ray.init env that set the same key; the submit-time value wins.
     assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in merged and "PYTHONUNBUFFERED" not in merged
     assert merged["DS_ACCELERATOR"] == "cpu"
+
+
+def _user_tree(root: Path) -> Path:
+    """A project directory as users have them: code, a config, secrets, data, checkpoints, an environment."""
+    files = {
+        "train_me.py": "print('hi')\n", "configs/x.yaml": "run: {name: x}\n", "README.md": "# proj\n",
+        "pkg/__init__.py": "", "pkg/tokenizer.json": "{}",
+        ".env": "HF_TOKEN=secret\n", ".aws/credentials": "[default]\n", ".ssh/id_rsa": "KEY\n", ".netrc": "machine\n",
+        "certs/server.pem": "PEM\n", "data/train.parquet": "PAR1", "data/img/0001.png": "PNG", "data/a.jpg": "JPG",
+        "ckpt/model.pth": "W", "ckpt/last.ckpt": "W", "models/m.gguf": "W", "ckpt/model.safetensors": "W",
+        ".venv/bin/python": "", ".git/HEAD": "ref\n", "scratch/notes.txt": "private\n", "keep.log": "log\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / ".gitignore").write_text("scratch/\n*.log\n")
+    return root
+
+
+CODE = {"train_me.py", "configs/x.yaml", "README.md", "pkg/__init__.py", "pkg/tokenizer.json", ".gitignore"}
+
+
+def test_the_uploaded_package_holds_code_but_no_secrets_data_checkpoints_or_gitignored_files(clean_env, tmp_path):
+    """Ray's own packager (what JobSubmissionClient zips and uploads) with our runtime env's excludes."""
+    from ray._private.runtime_env.packaging import create_package
+
+    root = _user_tree(tmp_path / "proj")
+    env = jobs.build_runtime_env(root, [])
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(root), pkg, include_gitignore=True, excludes=env["excludes"])
+    names = {n.rstrip("/") for n in zipfile.ZipFile(pkg).namelist() if not n.endswith("/")}
+    assert names == CODE
+    # the listing printed before the upload is exactly that package
+    from raytune_minicpmv.job_upload import plan_upload
+
+    plan = plan_upload(root, env["excludes"])
+    assert {p for p, _ in plan.files} == CODE
+    assert plan.summary().startswith(f"uploading {len(CODE)} files, ")
+
+
+def test_submit_dry_run_lists_the_upload_and_extra_excludes_apply(clean_env, tmp_path, capsys):
+    from raytune_minicpmv.cli import main
+
+    root = _user_tree(tmp_path / "proj")
+    rc = main(["submit", "--dry-run", "--working-dir", str(root), "--exclude", "README.md", "--",
+               "raytune-minicpmv", "tune", "--config", "configs/x.yaml"])
+    out = capsys.readouterr()
+    assert rc == 0
+    listed = {line.split()[-1] for line in out.out.splitlines()}
+    assert listed == CODE - {"README.md"}
+    assert f"would upload {len(CODE) - 1} files" in out.err
+
+
+def test_an_oversized_working_dir_is_refused_before_any_upload_with_the_reason(clean_env, tmp_path, capsys):
+    from raytune_minicpmv.cli import main
+    from raytune_minicpmv.job_upload import MAX_UPLOAD_BYTES
+
+    root = tmp_path / "proj"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "x.yaml").write_text("run: {name: x}\n")
+    import os
+
+    (root / "blob.dat").write_bytes(os.urandom(MAX_UPLOAD_BYTES + 1024))  # incompressible, not a known data suffix
+    # the address is never contacted: nothing listens there, and the refusal names the size, not a connection
+    rc = main(["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(root), "--",
+               "raytune-minicpmv", "tune", "--config", "configs/x.yaml"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "over the 100.0 MiB the Ray Jobs API accepts" in err and "blob.dat (100.0 MiB)" in err
+    assert "127.0.0.1:9" not in err
+
+
+def test_the_address_flag_wins_over_ray_address_and_an_unreachable_one_fails_in_seconds(clean_env, tmp_path):
+    """RAY_ADDRESS (a GCS address of some other cluster) must not replace --address; a dead address is an error
+    message within seconds, not a 40 s hang and a traceback. A subprocess: the hang would otherwise block pytest."""
+    env = {**__import__("os").environ, "RAY_ADDRESS": "10.255.255.1:6379", "RAY_AUTH_TOKEN": "t" * 32}
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-m", "raytune_minicpmv.cli", "status", "raysubmit_x", "--address",
+                              "127.0.0.1:9"], env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("status --address hung for 30 s with RAY_ADDRESS set")
+    assert time.monotonic() - t0 < 20
+    assert out.returncode == 2, out.stderr
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in out.stderr
+    assert "10.255.255.1" not in out.stderr and "Traceback" not in out.stderr
