@@ -158,3 +158,17 @@ def test_override_paths_resolve_against_the_cwd_and_file_paths_against_the_file(
     assert cfg.data.train_path == str(conf_dir / "file_data.json")  # from the file: next to the file
     assert cfg.data.eval_path == str(work / "cli_data.json")  # from the command line: the CWD, as a shell would
     assert cfg.run.storage_path == str(work / "out" / "runs")
+
+
+def test_an_empty_train_split_is_a_message_not_a_traceback(tmp_path, capsys):
+    """EmptySplitError (a SplitError, not a SkipCapError) is the user's to fix: printed as its message."""
+    import ray
+
+    cfg = _config(tmp_path)  # train.json is `[]`
+    try:
+        rc = main(["preprocess", "--config", str(cfg)])
+    finally:
+        ray.shutdown()  # the split is found empty after the local Ray started
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "data.train_path" in err and "the train split has no usable record" in err and "Traceback" not in err
