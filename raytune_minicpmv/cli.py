@@ -16,6 +16,7 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
+from .interrupts import Interrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # Ctrl-C / SIGTERM: the run stopped cleanly and can be resumed
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _dispatch(args) -> int:

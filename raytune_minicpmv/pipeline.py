@@ -9,7 +9,8 @@ the tokenizer path -> per split: the driver reads and checks every record (cheap
 exist; one error lists every problem when on_bad_record=error) -> Ray Data decodes, slices, templates and tokenizes
 in actors (`compute=ActorPoolStrategy`, `data.num_cpus_per_task` each, the tokenizer loaded once per actor) -> rows
 are written as Parquet to a temporary dir, the small report columns are read back, the skip cap is checked, and the
-dir is renamed into place -> `report.json` is written last (its presence means "done"; tune reuses it).
+dir is renamed into place -> `report.json` is written last (its presence means "done"; tune reuses it while its
+input fingerprint, `data_fingerprint.py`, still matches the data files, tokenizer and settings).
 
 Skipped records are kept in the Parquet as tombstone rows (empty tensors + `skip_reason`), so the report can name
 them and nothing is lost silently; `build_dataset` filters them out.
@@ -27,6 +28,7 @@ import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, is_uri, join_uri, resolve_llm_type
+from .data_fingerprint import inputs_fingerprint
 from .records import REASONS, BadDataError, BadRecord, RawRecord, parse_record, read_raw_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
 from .templates import ModelSpec, TokenizerInfo, model_spec_from_config
@@ -82,7 +84,8 @@ def run_preprocess(cfg: Config) -> dict:
     spec, tokenizer_path = model_side(cfg)
     out = cfg.data_output_path
     report = {"output_path": out, "model_spec": spec.__dict__, "tokenizer_path": tokenizer_path,
-              "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {}}
+              "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {},
+              "fingerprint": inputs_fingerprint(cfg, spec, tokenizer_path)}  # before reading: what the rows are of
     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
         if path:
             report["splits"][split] = _preprocess_split(cfg, spec, tokenizer_path, path, join_uri(out, split))
