@@ -57,6 +57,7 @@ class ResumePlan:
     checkpoint: Optional[str] = None  # the directory the run resumes from (None: from step 0)
     step: int = 0
     finished: bool = False
+    metrics: dict = field(default_factory=dict)  # what the checkpoint was reported with (Ray's snapshot)
     applied: dict = field(default_factory=dict)  # key -> (old, new)
     dropped: list = field(default_factory=list)  # problems of the checkpoints moved aside
 
@@ -72,6 +73,7 @@ def prepare_resume(cfg: Config, run_name: Optional[str] = None, check_config: bo
         return plan
     plan.checkpoint = os.path.join(run_dir, latest)
     plan.step = read_train_state(plan.checkpoint).step
+    plan.metrics = _reported_metrics(run_dir, latest)
     if check_config:
         plan.applied = check_config_change(cfg, plan.checkpoint)
     plan.finished = plan.step >= cfg.train.max_steps
@@ -80,6 +82,8 @@ def prepare_resume(cfg: Config, run_name: Optional[str] = None, check_config: bo
 
 def repair_snapshot(run_dir: str) -> tuple[Optional[str], list[str]]:
     """(checkpoint dir name the run resumes from or None, problems of the checkpoints dropped)."""
+    if not os.path.isdir(run_dir):
+        return None, []
     path = os.path.join(run_dir, SNAPSHOT)
     snap = _read_json(path) if os.path.exists(path) else None
     results = (snap or {}).get("checkpoint_results") or []
@@ -107,6 +111,13 @@ def repair_snapshot(run_dir: str) -> tuple[Optional[str], list[str]]:
         log.warning("checkpoints that cannot be resumed from were moved aside (<name>.bad-%s):\n  %s\nresuming "
                     "from %s", stamp, "\n  ".join(problems), latest or "step 0 (no complete checkpoint left)")
     return latest, problems
+
+
+def _reported_metrics(run_dir: str, name: str) -> dict:
+    for r in (_read_json(os.path.join(run_dir, SNAPSHOT)) or {}).get("checkpoint_results", []):
+        if r["checkpoint_dir_name"] == name:
+            return dict(r.get("metrics") or {})
+    return {}
 
 
 def _orphans(run_dir: str, snap: Optional[dict], good: list[str]) -> tuple[Optional[str], dict[str, list[str]]]:

@@ -91,20 +91,26 @@ def _run_locked(cfg: Config) -> dict:
 
 
 def _raise_if_incomplete(results, stopped, exp_dir: str) -> None:
-    """An interrupted search publishes nothing. Tune's SIGINT handler ends `fit` normally, with the trials that were
-    running or pending neither TERMINATED nor ERROR (their state is saved for the restore)."""
+    """An interrupted search publishes nothing. Tune's SIGINT handler ends `fit` normally and, stopping the live
+    trials, marks them TERMINATED in memory (so `results` looks complete and the interrupted trial looks "stopped by
+    ASHA"); the experiment state it saved just before shows them as they really were. That state is what a rerun
+    restores, so it decides: any trial still PENDING/RUNNING/PAUSED there means the search is unfinished."""
     import signal
+
+    from ray.tune import ExperimentAnalysis
 
     from .interrupts import Interrupted
 
-    total = len(results) if results is not None else 0
-    done = results.num_terminated + results.num_errors if results is not None else 0
-    if results is not None and done >= total and not stopped.signum:
-        return
+    unfinished = None
+    if results is not None:
+        saved = ExperimentAnalysis(exp_dir).trials
+        unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+        if not unfinished and not stopped.signum:
+            return
     name = stopped.name or "SIGINT"  # Tune's own handler caught Ctrl-C: ours never saw it
-    unfinished = f"{total - done} of {total} trials unfinished" if results is not None else "trials unfinished"
+    left = f"{len(unfinished)} trial(s) unfinished" if unfinished is not None else "trials unfinished"
     raise Interrupted(f"interrupted — rerun the same command to resume (tune experiment {exp_dir} stopped by {name} "
-                      f"with {unfinished}; nothing was merged)", getattr(signal, name))
+                      f"with {left}; nothing was merged)", getattr(signal, name))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,7 +231,12 @@ def make_trial_driver(cfg: Config):
         trial_id = tune.get_context().get_trial_id()
         run_name = f"{experiment_name(base)}-trial-{trial_id}"
         trial_cfg = trial_config(base, params)
-        prepare_resume(trial_cfg, run_name, check_config=False)  # a restored trial skips damaged checkpoints
+        plan = prepare_resume(trial_cfg, run_name, check_config=False)  # a restored trial skips damaged checkpoints
+        if plan.finished:
+            # Interrupted after its Train run ended but before Tune got the last report (Tune stops listening first):
+            # forward the final checkpointed evaluation, or the restored trial would end with no new result.
+            tune.report({**plan.metrics, CHECKPOINT_KEY: plan.checkpoint})
+            return
         trainer = build_trainer(trial_cfg, run_name=run_name, callbacks=[EvalReportCallback(base.tune.metric)])
         trainer.fit()
 
@@ -293,7 +304,10 @@ def collect_trials(results, cfg: Config) -> list[TrialRecord]:
         df = r.metrics_dataframe
         history = [] if df is None else df.to_dict("records")
         n = len(history)
-        status = "error" if r.error else ("finished" if n >= full else "stopped")
+        # a trial restored after an interrupt restarts its Tune history but resumes its Train run: its last step
+        # tells whether it ran to the end
+        last_step = int(history[-1].get("step", 0)) if history else 0
+        status = "error" if r.error else ("finished" if n >= full or last_step >= cfg.train.max_steps else "stopped")
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
         t = float(history[-1].get("time_total_s", 0.0)) if history else 0.0
         out.append(TrialRecord(trial_id=str(trial_id), config=dict(r.config), history=history, status=status,

@@ -235,3 +235,8 @@ def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(t
     (tmp_path / experiment_name(cfg)).mkdir()
     with pytest.raises(ConfigError, match=r"data: the inputs changed .*data.train: content changed"):
         _check_preprocessed(cfg)
+
+
+def test_a_new_run_has_nothing_to_resume(tmp_path):
+    plan = prepare_resume(cfg_for(tmp_path))  # the run dir does not exist yet (first start of a tune trial)
+    assert plan.checkpoint is None and plan.step == 0 and not plan.finished
