@@ -9,6 +9,9 @@ evaluated checkpoint → report (table, plot, report.md) → merge that checkpoi
 
 Restart: rerunning the same command (same run.name + run.storage_path) restores the experiment: finished trials are
 kept, unfinished ones resume from their last Train checkpoint (trial run names are derived from stable trial ids).
+Ctrl-C / SIGTERM: Tune stops the trials and saves its state; nothing is reported or merged and the command exits
+130/143 with "interrupted — rerun the same command to resume". One driver per run dir (`runlock`); `<run>/data` is
+reused only while its input fingerprint matches (`data_fingerprint`).
 """
 from __future__ import annotations
 
