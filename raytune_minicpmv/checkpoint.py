@@ -11,6 +11,10 @@ Layout of a checkpoint directory (contract, docs/ARCHITECTURE.md)::
     full_model/         runs without LoRA: model.safetensors with the trained tensors under checkpoint key names.
     train_state.json    step, data position (epoch, micro-batches consumed in it), tokens seen, best eval loss.
     config.yaml         the resolved run config.
+    complete/rank_R.json  completeness marker of rank R, written LAST by that rank: world size and every file the
+                        rank wrote with its size. A checkpoint is complete when every rank's marker is there and
+                        every listed file has its listed size (`verify_checkpoint`; a crash or a kill mid-save, a
+                        truncated or deleted file all show).
 
 Every rank calls `save_checkpoint` (the ZeRO-3 gathers are collectives); each rank writes its own DeepSpeed shards
 into its own local directory and Ray merges the ranks' directories in storage (shard file names are per rank).
@@ -29,6 +33,7 @@ import yaml
 
 DS_DIR, ADAPTER_DIR, FULL_DIR = "deepspeed", "adapter", "full_model"
 STATE_FILE, CONFIG_FILE, DS_TAG = "train_state.json", "config.yaml", "state"
+MARKER_DIR = "complete"
 GATHER_CHUNK_NUMEL = 500_000_000  # gather trainable ZeRO-3 tensors in chunks: bounds the transient GPU memory
 
 
@@ -47,8 +52,14 @@ def save_checkpoint(engine, model: torch.nn.Module, out_dir: str, state: TrainSt
     engine.save_checkpoint(os.path.join(out_dir, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True,
                            client_state={"train_state": dataclasses.asdict(state)})
     trained = gather_trainable_state_dict(model, rank)
-    if rank != 0:
-        return
+    if rank == 0:
+        _save_rank0_files(model, out_dir, trained, state, config)
+    import torch.distributed as dist
+
+    write_marker(out_dir, rank, dist.get_world_size() if dist.is_initialized() else 1)  # last
+
+
+def _save_rank0_files(model, out_dir: str, trained: dict, state: TrainState, config: dict) -> None:
     if is_peft(model):
         from .lora_adapter import save_adapter
 
@@ -66,8 +77,66 @@ def save_checkpoint(engine, model: torch.nn.Module, out_dir: str, state: TrainSt
         yaml.safe_dump(config, f, sort_keys=False)
 
 
+def write_marker(out_dir: str, rank: int, world: int) -> None:
+    """The completeness marker of this rank's part of a checkpoint: call after every other file is written."""
+    files = {}
+    for root, _, names in os.walk(out_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, out_dir)] = os.path.getsize(path)
+    os.makedirs(os.path.join(out_dir, MARKER_DIR), exist_ok=True)
+    tmp = os.path.join(out_dir, MARKER_DIR, f".rank_{rank}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"rank": rank, "world_size": world, "files": files}, f)
+    os.replace(tmp, os.path.join(out_dir, MARKER_DIR, f"rank_{rank}.json"))
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint directory is incomplete or damaged (the message names the file)."""
+
+
+def verify_checkpoint(ckpt_dir: str) -> list[str]:
+    """Problems that make `ckpt_dir` unusable, each naming the file; [] for a complete checkpoint."""
+    marker0 = os.path.join(ckpt_dir, MARKER_DIR, "rank_0.json")
+    if not os.path.isdir(ckpt_dir):
+        return [f"{ckpt_dir}: the checkpoint directory does not exist"]
+    markers = _read_marker(marker0)
+    if markers is None:
+        return [f"{marker0}: missing or unreadable completeness marker (the save did not finish, or the checkpoint "
+                "predates markers)"]
+    problems = []
+    for rank in range(int(markers["world_size"])):
+        path = os.path.join(ckpt_dir, MARKER_DIR, f"rank_{rank}.json")
+        m = markers if rank == 0 else _read_marker(path)
+        if m is None:
+            problems.append(f"{path}: missing or unreadable completeness marker of rank {rank}")
+            continue
+        for rel, size in m["files"].items():
+            f = os.path.join(ckpt_dir, rel)
+            have = os.path.getsize(f) if os.path.isfile(f) else None
+            if have is None:
+                problems.append(f"{f}: missing (written by rank {rank})")
+            elif have != size:
+                problems.append(f"{f}: {have} bytes, {size} written (truncated or overwritten)")
+    return problems
+
+
+def _read_marker(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        return m if isinstance(m.get("files"), dict) and int(m.get("world_size", 0)) > 0 else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_checkpoint(engine, ckpt_dir: str) -> TrainState:
-    """Restore weights, optimizer, scheduler and step into `engine`; return the saved data position."""
+    """Restore weights, optimizer, scheduler and step into `engine`; return the saved data position.
+
+    The checkpoint is verified first: a damaged one fails with the file named, not deep inside torch.load."""
+    problems = verify_checkpoint(ckpt_dir)
+    if problems:
+        raise CorruptCheckpointError(f"checkpoint {ckpt_dir} is incomplete or damaged:\n  " + "\n  ".join(problems))
     _, client = engine.load_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:

@@ -22,6 +22,7 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
+from .interrupts import Interrupted
 from .log_control import LEVELS
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     log_control.configure(args.log_level)
     try:
         return _dispatch(args)
+    except Interrupted as e:  # Ctrl-C / SIGTERM: the run stopped cleanly and can be resumed
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,8 @@ roles, tags, files exist; one error lists every problem when on_bad_record=error
 templates and tokenizes in actors (`compute=ActorPoolStrategy`, `data.num_cpus_per_task` each, the tokenizer loaded
 once per actor) -> rows are written as Parquet to a temporary dir, the small report columns are read back, the split
 must keep a record and stay under the skip cap, and the dir is renamed into place -> `report.json` is written last
-(its presence means "done"; tune reuses it). A split that fails leaves `report.failed.json` instead.
+(its presence means "done"; tune reuses it while its input fingerprint, `data_fingerprint.py`, still matches the
+data files, tokenizer and settings). A split that fails leaves `report.failed.json` instead.
 
 Skipped records are kept in the Parquet as tombstone rows (empty tensors + `skip_reason`), so the report can name
 them and nothing is lost silently; `build_dataset` filters them out.
@@ -28,6 +29,7 @@ import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from .config import Config, is_uri, join_uri, resolve_llm_type
+from .data_fingerprint import inputs_fingerprint
 from .records import REASONS, BadDataError, BadRecord, RawRecord, read_raw_records, validate_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
 from .templates import ModelSpec, TokenizerInfo, model_spec_from_config
@@ -102,7 +104,8 @@ def run_preprocess(cfg: Config) -> dict:
     for stale in (done, failed):  # an old report must not vouch for (or against) this run's output
         _remove_file(stale)
     report = {"output_path": out, "model_spec": spec.__dict__, "tokenizer_path": tokenizer_path,
-              "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {}}
+              "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {},
+              "fingerprint": inputs_fingerprint(cfg, spec, tokenizer_path)}  # before reading: what the rows are of
     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
         if not path:
             continue

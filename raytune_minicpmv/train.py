@@ -44,21 +44,62 @@ _HF_DS_CONFIG = None  # see build_engine
 
 
 def run_train(cfg: Config) -> dict:
-    """Validate, start or join Ray, fit one training run, print and return its report."""
-    check_driver(cfg)
-    from .cluster import check_storage, init_ray
+    """Validate, take the run dir's lock, start or join Ray, fit one training run, print and return its report.
 
+    Rerunning the same command resumes (see `resume_check`); Ctrl-C or SIGTERM stops it cleanly (`Interrupted`)."""
+    check_driver(cfg)
+    from .runlock import run_lock
+
+    with run_lock(cfg.run_dir, command="train"):
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: Config) -> dict:
+    from .cluster import check_storage, init_ray
+    from .interrupts import stop_signals
+    from .resume_check import prepare_resume
+
+    plan = prepare_resume(cfg)
+    if plan.finished:
+        print(f"training run {cfg.run.name!r} already finished at step {plan.step} (train.max_steps="
+              f"{cfg.train.max_steps}); its last checkpoint is {plan.checkpoint}. Raise train.max_steps to train "
+              f"on, or pick a new run.name.", flush=True)
+        return {"run_dir": cfg.run_dir, "already_finished": True, "steps": plan.step, "checkpoint": plan.checkpoint}
+    for key, (old, new) in plan.applied.items():
+        print(f"resume: {key} changed from {old!r} to {new!r} (applied)", flush=True)
     ray = init_ray(cfg)
     check_storage(cfg)  # multi-node: storage_path must be visible from every node
     check_cluster(cfg, ray.cluster_resources())
     trainer = build_trainer(cfg)
     print(f"training run {cfg.run.name!r}: checkpoints and results in {cfg.run_dir}; "
-          f"TensorBoard: tensorboard --logdir {tensorboard_dir(cfg)}", flush=True)
+          + (f"resuming from step {plan.step} ({plan.checkpoint}); " if plan.checkpoint else "")
+          + f"TensorBoard: tensorboard --logdir {tensorboard_dir(cfg)}", flush=True)
     started = time.time()
-    result = trainer.fit()
+    with stop_signals() as stopped:  # after init_ray: Ray's own SIGTERM handler would kill the run uncleanly
+        try:
+            result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's SIGINT handler, after aborting the run
+            from .interrupts import note_sigint
+
+            note_sigint(stopped)
+            result = None
+    if stopped.signum:
+        _raise_interrupted(cfg, stopped.name)
     summary = summarize(cfg, result, wall_s=time.time() - started)
     print(format_run_report(summary), flush=True)
     return summary
+
+
+def _raise_interrupted(cfg: Config, signame: str) -> None:
+    import signal
+
+    from .interrupts import Interrupted
+    from .resume_check import repair_snapshot
+
+    latest = None if is_uri(cfg.run_dir) else repair_snapshot(cfg.run_dir)[0]
+    kept = f"the last checkpoint is {join_uri(cfg.run_dir, latest)}" if latest else "no checkpoint was saved yet"
+    raise Interrupted(f"interrupted — rerun the same command to resume (training run {cfg.run.name!r} stopped by "
+                      f"{signame}; {kept})", getattr(signal, signame))
 
 
 def check_driver(cfg: Config) -> None:
@@ -274,6 +315,10 @@ def train_fn_per_worker(config_dict: dict) -> None:
             state = load_checkpoint(engine, d)
         say(f"resumed from {resumed.path} at step {state.step}")
     resumed_step = state.step
+    if rank == 0:  # a resumed run logs no step twice
+        from .resume_check import rewind_history
+
+        rewind_history(metrics_jsonl(cfg, run_name), tensorboard_dir(cfg, run_name), state.step)
 
     from .pipeline import collate
 

@@ -9,6 +9,9 @@ evaluated checkpoint → report (table, plot, report.md) → merge that checkpoi
 
 Restart: rerunning the same command (same run.name + run.storage_path) restores the experiment: finished trials are
 kept, unfinished ones resume from their last Train checkpoint (trial run names are derived from stable trial ids).
+Ctrl-C / SIGTERM: Tune stops the trials and saves its state; nothing is reported or merged and the command exits
+130/143 with "interrupted — rerun the same command to resume". One driver per run dir (`runlock`); `<run>/data` is
+reused only while its input fingerprint matches (`data_fingerprint`).
 """
 from __future__ import annotations
 
@@ -42,20 +45,35 @@ class BestTrial:
 
 def run_tune(cfg: Config) -> dict:
     """Run the search, report it, merge the best trial. Returns a summary dict (also written to report.md)."""
-    from . import cluster
+    from .runlock import run_lock
 
     cfg = _tune_ready(cfg)
+    with run_lock(cfg.run_dir, command="tune"):  # <run_dir> holds the preprocessed data and the merged model
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: Config) -> dict:
+    from . import cluster
+    from .interrupts import note_sigint, stop_signals
+
+    reuse_data = _check_preprocessed(cfg)  # before Ray starts: stale rows of a running search are refused
     ray = cluster.init_ray(cfg)
     cluster.check_storage(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    cfg = _ensure_preprocessed(cfg)
+    cfg = _ensure_preprocessed(cfg, reuse_data)
     exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
     log.info("tune experiment: %s (metric %s/%s, %d concurrent trials)", exp_dir, cfg.tune.metric, cfg.tune.mode,
              concurrency)
 
     t0 = time.time()
-    results = _build_or_restore_tuner(cfg, concurrency).fit()
+    with stop_signals() as stopped:  # SIGTERM takes Tune's graceful SIGINT path (it saves the experiment state)
+        try:
+            results = _build_or_restore_tuner(cfg, concurrency).fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: Tune gives up its graceful stop
+            note_sigint(stopped)
+            results = None
     elapsed = time.time() - t0
+    _raise_if_incomplete(results, stopped, exp_dir)
 
     trials = collect_trials(results, cfg)
     best = select_best(trials, cfg.tune.metric, cfg.tune.mode)
@@ -74,6 +92,29 @@ def run_tune(cfg: Config) -> dict:
     if "merged_path" in summary:
         print(f"merged model: {summary['merged_path']}")
     return summary
+
+
+def _raise_if_incomplete(results, stopped, exp_dir: str) -> None:
+    """An interrupted search publishes nothing. Tune's SIGINT handler ends `fit` normally and, stopping the live
+    trials, marks them TERMINATED in memory (so `results` looks complete and the interrupted trial looks "stopped by
+    ASHA"); the experiment state it saved just before shows them as they really were. That state is what a rerun
+    restores, so it decides: any trial still PENDING/RUNNING/PAUSED there means the search is unfinished."""
+    import signal
+
+    from ray.tune import ExperimentAnalysis
+
+    from .interrupts import Interrupted
+
+    unfinished = None
+    if results is not None:
+        saved = ExperimentAnalysis(exp_dir).trials
+        unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+        if not unfinished and not stopped.signum:
+            return
+    name = stopped.name or "SIGINT"  # Tune's own handler caught Ctrl-C: ours never saw it
+    left = f"{len(unfinished)} trial(s) unfinished" if unfinished is not None else "trials unfinished"
+    raise Interrupted(f"interrupted — rerun the same command to resume (tune experiment {exp_dir} stopped by {name} "
+                      f"with {left}; nothing was merged)", getattr(signal, name))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,15 +162,33 @@ def experiment_name(cfg: Config) -> str:
     return f"{cfg.run.name}-tune"
 
 
-def _ensure_preprocessed(cfg: Config) -> Config:
+def _check_preprocessed(cfg: Config) -> bool:
+    """True: reuse `<run>/data`, made from the same inputs. False: (re)preprocess — none yet, or its inputs changed
+    and no search has trained on it. Inputs changed under an existing search: ConfigError (its trials would mix)."""
+    if cfg.data.preprocessed:
+        return True
+    from .data_fingerprint import stale_preprocessed
+
+    reasons = stale_preprocessed(cfg)
+    if not reasons:
+        return reasons is not None
+    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    if os.path.isdir(exp_dir):
+        raise ConfigError([f"data: the inputs changed since {cfg.data_output_path} was preprocessed for the search in "
+                           f"{exp_dir} ({'; '.join(reasons)}); its trials trained on the old rows. Restore the old "
+                           "inputs to resume it, or start a new search with another run.name"])
+    log.warning("redoing the preprocessed data at %s: %s", cfg.data_output_path, "; ".join(reasons))
+    return False
+
+
+def _ensure_preprocessed(cfg: Config, reuse: bool) -> Config:
     """Preprocess once; every trial then reads the same Parquet (no per-trial image decoding or tokenization)."""
     if cfg.data.preprocessed:
         return cfg
     from .pipeline import run_preprocess
 
-    done = join_uri(cfg.data_output_path, "report.json")
-    if os.path.exists(done):
-        log.info("reusing preprocessed data at %s", cfg.data_output_path)
+    if reuse:
+        log.info("reusing preprocessed data at %s (same inputs)", cfg.data_output_path)
     else:
         run_preprocess(cfg)
     return replace(cfg, data={"preprocessed": True, "output_path": cfg.data_output_path})
@@ -169,12 +228,20 @@ def make_trial_driver(cfg: Config):
         from ray import tune
 
         from .config import config_from_dict
+        from .resume_check import prepare_resume
         from .train import build_trainer
 
         base = config_from_dict(cfg_dict, check_paths=False)
         trial_id = tune.get_context().get_trial_id()
-        trainer = build_trainer(trial_config(base, params), run_name=f"{experiment_name(base)}-trial-{trial_id}",
-                                callbacks=[EvalReportCallback(base.tune.metric)])
+        run_name = f"{experiment_name(base)}-trial-{trial_id}"
+        trial_cfg = trial_config(base, params)
+        plan = prepare_resume(trial_cfg, run_name, check_config=False)  # a restored trial skips damaged checkpoints
+        if plan.finished:
+            # Interrupted after its Train run ended but before Tune got the last report (Tune stops listening first):
+            # forward the final checkpointed evaluation, or the restored trial would end with no new result.
+            tune.report({**plan.metrics, CHECKPOINT_KEY: plan.checkpoint})
+            return
+        trainer = build_trainer(trial_cfg, run_name=run_name, callbacks=[EvalReportCallback(base.tune.metric)])
         trainer.fit()
 
     return trial_driver
@@ -254,7 +321,10 @@ def collect_trials(results, cfg: Config) -> list[TrialRecord]:
         df = r.metrics_dataframe
         history = [] if df is None else df.to_dict("records")
         n = len(history)
-        status = "error" if r.error else ("finished" if n >= full else "stopped")
+        # a trial restored after an interrupt restarts its Tune history but resumes its Train run: its last step
+        # tells whether it ran to the end
+        last_step = int(history[-1].get("step", 0)) if history else 0
+        status = "error" if r.error else ("finished" if n >= full or last_step >= cfg.train.max_steps else "stopped")
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(r.path)
         t = float(history[-1].get("time_total_s", 0.0)) if history else 0.0
         out.append(TrialRecord(trial_id=str(trial_id), config=dict(r.config), history=history, status=status,
