@@ -42,7 +42,7 @@ def main() -> None:
         started = time.perf_counter() - t0
         trivial = [_timed_job(c, "python", "-c", "pass")[0] for _ in range(args.repeats)]
         # The real entry of every stage: join the cluster from the job driver, then check storage on both nodes.
-        check_code = ("from raytune_minicpmv.config import load_config; from raytune_minicpmv.cluster import "
+        check_code = ("from raytune_minicpmv.config import load_config; from raytune_minicpmv.cluster.ray_session import "
                       "init_ray, check_storage; import logging; logging.basicConfig(level='INFO'); "
                       f"cfg = load_config(None, ['run.storage_path={c.shared}/runs'], check_paths=False); "
                       "init_ray(cfg); check_storage(cfg)")

@@ -190,7 +190,7 @@ def run_ray(a) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytune_minicpmv.cluster import runtime_env_vars
+    from raytune_minicpmv.cluster.ray_session import runtime_env_vars
 
     cfg = bench_config(a)
     env = runtime_env_vars(cfg)

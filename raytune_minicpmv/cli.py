@@ -22,8 +22,8 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
-from .interrupts import Interrupted
-from .log_control import LEVELS
+from .cluster.interrupts import Interrupted
+from .cluster.log_control import LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import log_control
+    from .cluster import log_control
 
     log_control.configure(args.log_level)
     try:
@@ -155,7 +155,7 @@ def _user_error(e: BaseException, command: str) -> BaseException | None:
 def _dispatch(args) -> int:
     cmd = args.command
     if cmd in ("submit", "status", "logs", "stop"):
-        from . import jobs
+        from .cluster import jobs
 
         return jobs.cli(args)
     if cmd == "configs":

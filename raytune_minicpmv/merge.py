@@ -71,7 +71,7 @@ def run_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
 
     `cfg` (optional) only tells `init_ray` where Ray is; the standalone CLI has no run config, so a default one is used.
     """
-    from .cluster import driver_resources, init_ray
+    from .cluster.ray_session import driver_resources, init_ray
 
     merge_cfg = merge_cfg or (cfg.merge if cfg else MergeConfig())
     cfg = cfg or Config()

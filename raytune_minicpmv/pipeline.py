@@ -94,7 +94,7 @@ def run_preprocess(cfg: Config) -> dict:
     A split that cannot be used (every record bad, an empty file, the skip cap) raises a SplitError after writing
     the report so far to `report.failed.json`; `report.json` is written only when every split succeeded.
     """
-    from .cluster import check_storage, init_ray
+    from .cluster.ray_session import check_storage, init_ray
 
     init_ray(cfg)
     check_storage(cfg)  # multi-node: the Parquet output must be visible from every node

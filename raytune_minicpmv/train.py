@@ -48,15 +48,15 @@ def run_train(cfg: Config) -> dict:
 
     Rerunning the same command resumes (see `resume_check`); Ctrl-C or SIGTERM stops it cleanly (`Interrupted`)."""
     check_driver(cfg)
-    from .runlock import run_lock
+    from .cluster.runlock import run_lock
 
     with run_lock(cfg.run_dir, command="train"):
         return _run_locked(cfg)
 
 
 def _run_locked(cfg: Config) -> dict:
-    from .cluster import check_storage, init_ray
-    from .interrupts import stop_signals
+    from .cluster.ray_session import check_storage, init_ray
+    from .cluster.interrupts import stop_signals
     from .resume_check import prepare_resume
 
     plan = prepare_resume(cfg)
@@ -79,7 +79,7 @@ def _run_locked(cfg: Config) -> dict:
         try:
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's SIGINT handler, after aborting the run
-            from .interrupts import note_sigint
+            from .cluster.interrupts import note_sigint
 
             note_sigint(stopped)
             result = None
@@ -93,7 +93,7 @@ def _run_locked(cfg: Config) -> dict:
 def _raise_interrupted(cfg: Config, signame: str) -> None:
     import signal
 
-    from .interrupts import Interrupted
+    from .cluster.interrupts import Interrupted
     from .resume_check import repair_snapshot
 
     latest = None if is_uri(cfg.run_dir) else repair_snapshot(cfg.run_dir)[0]
@@ -152,8 +152,8 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .cluster import runtime_env_vars
-    from .log_control import ray_train_log_level
+    from .cluster.ray_session import runtime_env_vars
+    from .cluster.log_control import ray_train_log_level
 
     run_name = run_name or cfg.run.name
     if datasets is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import Config, ConfigError, join_uri, replace
-from .log_control import tune_verbosity
+from .cluster.log_control import tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class BestTrial:
 
 def run_tune(cfg: Config) -> dict:
     """Run the search, report it, merge the best trial. Returns a summary dict (also written to report.md)."""
-    from .runlock import run_lock
+    from .cluster.runlock import run_lock
 
     cfg = _tune_ready(cfg)
     with run_lock(cfg.run_dir, command="tune"):  # <run_dir> holds the preprocessed data and the merged model
@@ -54,7 +54,7 @@ def run_tune(cfg: Config) -> dict:
 
 def _run_locked(cfg: Config) -> dict:
     from . import cluster
-    from .interrupts import note_sigint, stop_signals
+    from .cluster.interrupts import note_sigint, stop_signals
 
     reuse_data = _check_preprocessed(cfg)  # before Ray starts: stale rows of a running search are refused
     ray = cluster.init_ray(cfg)
@@ -103,7 +103,7 @@ def _raise_if_incomplete(results, stopped, exp_dir: str) -> None:
 
     from ray.tune import ExperimentAnalysis
 
-    from .interrupts import Interrupted
+    from .cluster.interrupts import Interrupted
 
     unfinished = None
     if results is not None:
@@ -248,7 +248,7 @@ def make_trial_driver(cfg: Config):
 
 
 def trial_progress_callbacks(cfg: Config) -> list:
-    from .log_control import want_trial_lines
+    from .cluster.log_control import want_trial_lines
     from .tune_report import trial_progress_callback
 
     if not want_trial_lines():
@@ -260,7 +260,7 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .cluster import driver_resources
+    from .cluster.ray_session import driver_resources
 
     # trial drivers only wait on their TorchTrainer: a sliver of CPU, on the CPU head where the cluster has one
     trainable = tune.with_resources(make_trial_driver(cfg), driver_resources(cfg, dict(cfg.tune.driver_resources)))

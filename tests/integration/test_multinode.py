@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from raytune_minicpmv.cluster import SIMULATE_NODE_LOCAL_ENV
+from raytune_minicpmv.cluster.ray_session import SIMULATE_NODE_LOCAL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def _cli(c: Cluster, *args: str, env: dict | None = None, timeout: float = 400) 
 
 def _wait_for_nodes(c: Cluster, n: int, timeout: float = 120) -> str:
     """Wait until n nodes are alive; return the head's node id."""
-    from raytune_minicpmv.jobs import alive_nodes
+    from raytune_minicpmv.cluster.jobs import alive_nodes
 
     deadline, seen = time.time() + timeout, "the dashboard did not answer"
     while time.time() < deadline:

@@ -69,13 +69,13 @@ def test_merge_dtype_flag_sets_the_merge_dtype():
 def test_the_quiet_ray_data_config_is_rays_default_with_a_quieter_console():
     from ray.data._internal.logging import DEFAULT_CONFIG
 
-    from raytune_minicpmv.log_control import RAY_DATA_QUIET_CONFIG
+    from raytune_minicpmv.cluster.log_control import RAY_DATA_QUIET_CONFIG
 
     ours = yaml.safe_load(RAY_DATA_QUIET_CONFIG.read_text())
     assert ours["handlers"]["console"]["level"] == "WARNING"
     ours["handlers"]["console"]["level"] = DEFAULT_CONFIG["handlers"]["console"]["level"]
     assert ours["handlers"]["console"]["filters"].pop() == "drop_notices"
-    assert ours["filters"].pop("drop_notices") == {"()": "raytune_minicpmv.log_control.DropRayDataNotices"}
+    assert ours["filters"].pop("drop_notices") == {"()": "raytune_minicpmv.cluster.log_control.DropRayDataNotices"}
     assert ours == DEFAULT_CONFIG, "Ray Data's default logging config changed: regenerate ray_data_logging_quiet.yaml"
 
 
@@ -121,9 +121,9 @@ def test_tune_plot_marks_the_winner_and_matches_points_to_the_legend(tmp_path):
 
 QUIET_SCRIPT = textwrap.dedent('''
     import sys, warnings
-    from raytune_minicpmv import log_control
+    from raytune_minicpmv.cluster import log_control
     log_control.configure(sys.argv[1])
-    from raytune_minicpmv.cluster import init_ray
+    from raytune_minicpmv.cluster.ray_session import init_ray
     from raytune_minicpmv.config import load_config
     ray = init_ray(load_config(None, ["ray.num_cpus=2", "scaling.use_gpu=false", "ray.include_dashboard=false"],
                                check_paths=False))

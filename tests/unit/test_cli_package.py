@@ -45,7 +45,7 @@ def test_the_wheel_ships_every_module_and_the_recipes(installed):
     assert source <= shipped, f"modules missing from the wheel (list new subpackages in pyproject): {source - shipped}"
     recipes = {p.name for p in (ROOT / "configs").glob("*.yaml")}
     assert {f"recipes/{r}" for r in recipes} <= shipped
-    assert "ray_data_logging_quiet.yaml" in shipped
+    assert "cluster/ray_data_logging_quiet.yaml" in shipped
 
 
 def test_configs_ls_and_cp_work_from_the_installed_package(installed, tmp_path):

@@ -65,7 +65,7 @@ def _cluster_mounts() -> set[str]:
 def test_recipes_do_not_pin_a_cluster_and_write_to_the_shared_mount(path, monkeypatch):
     """ray.address: auto would join any Ray on a laptop (or fail without one): recipes leave it unset. Their storage
     and input paths lie on cluster.yaml's shared mount, so checkpoints are visible from every node."""
-    from raytune_minicpmv.cluster import ray_address
+    from raytune_minicpmv.cluster.ray_session import ray_address
 
     raw = yaml.safe_load(path.read_text())
     assert "address" not in (raw.get("ray") or {}), f"{path.name}: sets ray.address"
@@ -84,7 +84,7 @@ def test_recipes_do_not_pin_a_cluster_and_write_to_the_shared_mount(path, monkey
 
 
 def test_a_dashboard_url_in_ray_address_is_not_a_cluster_to_join(monkeypatch):
-    from raytune_minicpmv.cluster import ray_address
+    from raytune_minicpmv.cluster.ray_session import ray_address
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # exported for `submit`

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RayConfig
+from ..config import RayConfig
 from .job_upload import DEFAULT_EXCLUDES, UploadError, check_upload_size, plan_upload
 
 log = logging.getLogger(__name__)

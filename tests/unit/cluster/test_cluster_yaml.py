@@ -17,7 +17,7 @@ from packaging.version import Version
 
 from raytune_minicpmv.config import RayConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHARED = "/mnt/shared"
 
 

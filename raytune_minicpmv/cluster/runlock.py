@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Iterator, Optional
 
-from .config import ConfigError, is_uri, join_uri
+from ..config import ConfigError, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import yaml
 
 from raytune_minicpmv.config import RayConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHARED = "/mnt/shared"
 
 

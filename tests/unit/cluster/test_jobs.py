@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from raytune_minicpmv import cluster, jobs
+from raytune_minicpmv.cluster import jobs
+from raytune_minicpmv.cluster import ray_session as cluster
 from raytune_minicpmv.config import load_config
 
 
@@ -156,7 +157,7 @@ def test_the_uploaded_package_holds_code_but_no_secrets_data_checkpoints_or_giti
     names = {n.rstrip("/") for n in zipfile.ZipFile(pkg).namelist() if not n.endswith("/")}
     assert names == CODE
     # the listing printed before the upload is exactly that package
-    from raytune_minicpmv.job_upload import plan_upload
+    from raytune_minicpmv.cluster.job_upload import plan_upload
 
     plan = plan_upload(root, env["excludes"])
     assert {p for p, _ in plan.files} == CODE
@@ -178,7 +179,7 @@ def test_submit_dry_run_lists_the_upload_and_extra_excludes_apply(clean_env, tmp
 
 def test_an_oversized_working_dir_is_refused_before_any_upload_with_the_reason(clean_env, tmp_path, capsys):
     from raytune_minicpmv.cli import main
-    from raytune_minicpmv.job_upload import MAX_UPLOAD_BYTES
+    from raytune_minicpmv.cluster.job_upload import MAX_UPLOAD_BYTES
 
     root = tmp_path / "proj"
     (root / "configs").mkdir(parents=True)

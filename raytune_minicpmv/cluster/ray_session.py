@@ -1,7 +1,7 @@
 """Connecting to Ray and checking that a multi-node cluster can run us: the embedded local Ray by default, a running
 cluster when asked.
 
-    from raytune_minicpmv.cluster import init_ray, check_storage
+    from raytune_minicpmv.cluster.ray_session import init_ray, check_storage
     ray = init_ray(cfg)        # idempotent
     check_storage(cfg)         # refuses a node-local run.storage_path on a multi-node cluster
 
@@ -23,7 +23,7 @@ import time
 import uuid
 
 from . import log_control
-from .config import Config, ConfigError, is_uri, join_uri
+from ..config import Config, ConfigError, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from raytune_minicpmv.runlock import HOLDER_FILE, RunLockedError, run_lock
+from raytune_minicpmv.cluster.runlock import HOLDER_FILE, RunLockedError, run_lock
 
 
 def hold_in_child(run_dir, ready):
     """A child process that takes the lock, says so, and sleeps until killed."""
     code = textwrap.dedent(f"""
         import time
-        from raytune_minicpmv.runlock import run_lock
+        from raytune_minicpmv.cluster.runlock import run_lock
         with run_lock({str(run_dir)!r}, command="train"):
             open({str(ready)!r}, "w").close()
             time.sleep(120)
@@ -67,7 +67,7 @@ def test_lock_is_released_when_the_block_raises(tmp_path):
 
 
 def test_object_store_lease_refuses_a_fresh_holder_and_takes_an_expired_one(tmp_path):
-    from raytune_minicpmv import runlock
+    from raytune_minicpmv.cluster import runlock
 
     uri = f"file://{tmp_path}"  # through pyarrow's filesystem, as for s3:// or gs://
     holder = tmp_path / HOLDER_FILE

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 LEVEL_ENV = "RAYTUNE_MINICPMV_LOG_LEVEL"
-WORKER_HOOK = "raytune_minicpmv.log_control.setup_worker"
+WORKER_HOOK = "raytune_minicpmv.cluster.log_control.setup_worker"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Ray Data (re)configures its 'ray.data' logger from this file in every process (RAY_DATA_LOGGING_CONFIG), so a level
 # set on the logger alone does not last. It is Ray's default config with the console handler at WARNING (the
