@@ -178,7 +178,7 @@ def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
     if (Path(model_dir) / "tokenizer_config.json").is_file():
-        from .tokenizer_loading import load_tokenizer
+        from .models.tokenizer_loading import load_tokenizer
 
         tok = load_tokenizer(model_dir)
         ids = [tok(_TEXTS[i % len(_TEXTS)])["input_ids"] for i in range(n)]

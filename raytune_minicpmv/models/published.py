@@ -117,7 +117,7 @@ def _write_tokenizer(family: str, src: Path, out: Path, tokenizer) -> None:
         shutil.copyfile(src / "tokenizer_config.json", out / "tokenizer_config.json")  # the ORIGINAL, untouched
         return
     # No real tokenizer.json for this family: the tiny one stands in, under the original class + auto_map.
-    from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+    from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(out, get_family(family).llm_type)
     cfg = json.loads((out / "tokenizer_config.json").read_text())

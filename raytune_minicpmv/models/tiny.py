@@ -134,7 +134,7 @@ def _write_tokenizer(out: Path, llm_type: str, tokenizer: Optional[str]):
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+        from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
         build_tiny_tokenizer(out, llm_type)
     else:

@@ -13,7 +13,7 @@ from raytune_minicpmv.records import BadRecord, read_raw_records
 from raytune_minicpmv.rows import preprocess_records
 from raytune_minicpmv.sample_data import write_sample_dataset
 from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
-from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from raytune_minicpmv.sample_data import write_sample_dataset
 from raytune_minicpmv.slicing import normalize, pack_crop, plan_slices, slice_image
 from raytune_minicpmv.images import load_rgb
 from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
-from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

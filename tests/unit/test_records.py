@@ -10,7 +10,7 @@ from PIL import Image
 from raytune_minicpmv.records import BadRecord, parse_record, read_raw_records
 from raytune_minicpmv.rows import preprocess_records
 from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
-from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 CONV = [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A dot."}]
 

@@ -10,7 +10,7 @@ from raytune_minicpmv.records import BadRecord, Record
 from raytune_minicpmv.slicing import plan_slices
 from raytune_minicpmv.templates import (ModelSpec, TokenizerInfo, build_messages, image_placeholder,
                                         model_spec_from_config, tokenize_record)
-from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 QWEN = ModelSpec("qwen2")

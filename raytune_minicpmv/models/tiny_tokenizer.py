@@ -1,6 +1,6 @@
 """A small, deterministic fast tokenizer for tests and the demo (no download, no remote code).
 
-    from raytune_minicpmv.tiny_tokenizer import build_tiny_tokenizer
+    from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
     path = build_tiny_tokenizer("/tmp/tok")                # Qwen2 / MiniCPM-V 2.6 flavour
     tok = AutoTokenizer.from_pretrained(path)              # -> fast tokenizer, ChatML chat_template
 

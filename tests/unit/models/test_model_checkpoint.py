@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from raytune_minicpmv.models import (CheckpointError, MiniCPMV26, MiniCPMV25Config, MiniCPMV26Config, build_tiny,
                                      detect_family, get_family, load_model)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "configs"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "configs"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 from transformers import AutoTokenizer
 
-from raytune_minicpmv.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
+from raytune_minicpmv.models.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
 
 
 def _digest(path):

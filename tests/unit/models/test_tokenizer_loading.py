@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from raytune_minicpmv.templates import TokenizerInfo
-from raytune_minicpmv.tokenizer_loading import TokenizerLoadError, load_tokenizer
+from raytune_minicpmv.models.tokenizer_loading import TokenizerLoadError, load_tokenizer
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 REFERENCE = ASSETS / "minicpmv26_tokenizer"  # the real files, tokenizer_config.json modified to the stock class
 TEXTS = ["Describe the image.", "<image>你好 <|im_end|>\n\n  x <slice></slice><image_id>3</image_id><unk>",
          "def f(x):\n\treturn x ** 2  # 😀 naïve café", "   leading spaces and <|endoftext|>"]
@@ -44,7 +44,7 @@ def official_tokenizer_dir(tmp_path_factory):
 
 
 def test_published_tokenizer_loads_in_a_subprocess_with_open_stdin_without_prompt(official_tokenizer_dir):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3]), "HF_HUB_OFFLINE": "1"}
     log = official_tokenizer_dir.parent / "probe.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", PROBE, str(official_tokenizer_dir), json.dumps(TEXTS)],

@@ -1,6 +1,6 @@
 """Load a checkpoint's tokenizer with a plain transformers fast class: never remote code, never a prompt.
 
-    from raytune_minicpmv.tokenizer_loading import load_tokenizer
+    from raytune_minicpmv.models.tokenizer_loading import load_tokenizer
     tok = load_tokenizer("/ckpt/MiniCPM-V-2_6")      # the published folder, tokenizer_config.json untouched
 
 The published MiniCPM-V 2.5 / 2.6 folders name a remote-code class in `tokenizer_config.json`

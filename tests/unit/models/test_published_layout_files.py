@@ -17,7 +17,7 @@ from safetensors import safe_open
 from raytune_minicpmv.config import load_config
 from raytune_minicpmv.models import CheckpointError, apply_trainable_policy, load_model, load_model_for
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ASSETS = ROOT / "tests" / "assets"
 SIZE_KEYS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "max_window_layers", "torch_dtype"}

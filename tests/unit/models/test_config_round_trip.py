@@ -14,7 +14,7 @@ import pytest
 
 from raytune_minicpmv.models import MiniCPMV25Config, MiniCPMV26Config
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 REAL = {"2.6": (MiniCPMV26Config, ASSETS / "minicpmv26_hf_layout"),
         "2.5": (MiniCPMV25Config, ASSETS / "configs" / "minicpmv25_config")}
 
