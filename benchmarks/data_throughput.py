@@ -36,11 +36,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raytune_minicpmv.images import load_rgb  # noqa: E402
-from raytune_minicpmv.records import parse_record, read_raw_records  # noqa: E402
-from raytune_minicpmv.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy  # noqa: E402
-from raytune_minicpmv.slicing import plan_slices, slice_image  # noqa: E402
-from raytune_minicpmv.templates import (ModelSpec, TokenizerInfo, build_messages, encode_texts,  # noqa: E402
+from raytune_minicpmv.data.images import load_rgb  # noqa: E402
+from raytune_minicpmv.data.records import parse_record, read_raw_records  # noqa: E402
+from raytune_minicpmv.data.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy  # noqa: E402
+from raytune_minicpmv.data.slicing import plan_slices, slice_image  # noqa: E402
+from raytune_minicpmv.data.templates import (ModelSpec, TokenizerInfo, build_messages, encode_texts,  # noqa: E402
                                         image_placeholder, render_text)
 
 TOKENIZER = REPO / "tests" / "assets" / "minicpmv26_tokenizer"
@@ -138,12 +138,12 @@ def ours_profiled(raws, tok: TokenizerInfo, timers: dict) -> None:
              for r, p in zip(recs, plans)]
     encode_texts(texts, tok)
     timers["tokenize+labels"] += time.process_time() - t
-    from raytune_minicpmv.rows import Row
+    from raytune_minicpmv.data.rows import Row
     t = time.process_time()
     table = rows_to_table([Row(id="x", source="", crops=c) for c in crops])
     timers["to-tensor+normalize+pack"] += time.process_time() - t
     t = time.process_time()
-    from raytune_minicpmv.rows import unpack_pixels
+    from raytune_minicpmv.data.rows import unpack_pixels
     for raw, cs in zip(table.column("pixel_values").to_pylist(), crops):
         unpack_pixels(raw, np.array([[c.size[1] // 14, c.size[0] // 14] for c in cs]))
     timers["to-tensor+normalize+pack"] += time.process_time() - t
@@ -185,7 +185,7 @@ def ray_throughput(data: Path, n: int, cpus: int) -> float:
     import ray
 
     from raytune_minicpmv.config import config_from_dict
-    from raytune_minicpmv.pipeline import run_preprocess
+    from raytune_minicpmv.data.pipeline import run_preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"

@@ -177,7 +177,7 @@ def _dispatch(args) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if cmd == "preprocess":
-        from .pipeline import run_preprocess
+        from .data.pipeline import run_preprocess
 
         run_preprocess(cfg)
         return 0

@@ -21,7 +21,7 @@ DEMO_CONFIG = recipe_path("demo")  # configs/demo.yaml, or the copy shipped in t
 def prepare_demo_inputs(out: Path) -> dict[str, str]:
     """Tiny model + sample data under `out` (idempotent). Returns the config overrides that point at them."""
     from .models import build_tiny
-    from .sample_data import write_sample_dataset
+    from .data.sample_data import write_sample_dataset
 
     model_dir = out / "tiny-minicpmv2_6"
     if not (model_dir / "config.json").exists():
@@ -53,7 +53,7 @@ def reload_check(merged_path: str, train_json: str) -> str:
     import torch
 
     from .models import load_model
-    from .pipeline import preprocess_for_check
+    from .data.pipeline import preprocess_for_check
 
     model = load_model(merged_path, dtype=torch.float32).eval()
     batch = preprocess_for_check(merged_path, train_json)

@@ -190,8 +190,8 @@ def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
 
 def _minicpmv_batches(model_dir, n: int, scratch: Path) -> list[dict]:
     """One collated batch per record of the sample dataset (real images, slicing, chat template)."""
-    from .pipeline import preprocess_for_check
-    from .sample_data import write_sample_dataset
+    from .data.pipeline import preprocess_for_check
+    from .data.sample_data import write_sample_dataset
 
     records = write_sample_dataset(scratch / "data", split="eval", num_records=max(n, 6))
     return [preprocess_for_check(model_dir, records, index=i) for i in range(n)]

@@ -109,8 +109,8 @@ def user_error_types(merge: bool = False) -> tuple[type, ...]:
     from .lora_adapter import UnsupportedAdapterError
     from .merge_verify import MergeVerificationError
     from .models.registry import CheckpointError
-    from .pipeline import SplitError
-    from .records import BadDataError, BadRecord
+    from .data.pipeline import SplitError
+    from .data.records import BadDataError, BadRecord
 
     types: tuple[type, ...] = (ConfigError, BadDataError, BadRecord, SplitError, CheckpointError,
                                UnsupportedAdapterError, MergeVerificationError)

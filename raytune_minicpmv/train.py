@@ -192,7 +192,7 @@ def checkpoint_config(cfg: Config, has_eval: bool):
 def build_datasets(cfg: Config) -> dict:
     """The train (and, when there is one, eval) dataset; a split too small to train / evaluate is refused here,
     in the driver, before any worker starts (ConfigError)."""
-    from .pipeline import build_dataset
+    from .data.pipeline import build_dataset
 
     datasets = {"train": build_dataset(cfg, "train")}
     if cfg.data.eval_path or cfg.data.preprocessed:
@@ -215,7 +215,7 @@ def split_rows(cfg: Config, split: str) -> int:
             return 0
         reasons = ds.to_table(columns=["skip_reason"]).column("skip_reason")
         return int(pc.sum(pc.equal(reasons, "")).as_py() or 0)
-    from .records import read_raw_records
+    from .data.records import read_raw_records
 
     return sum(1 for _ in read_raw_records(cfg.data.train_path if split == "train" else cfg.data.eval_path))
 
@@ -320,7 +320,7 @@ def train_fn_per_worker(config_dict: dict) -> None:
 
         rewind_history(metrics_jsonl(cfg, run_name), tensorboard_dir(cfg, run_name), state.step)
 
-    from .pipeline import collate
+    from .data.pipeline import collate
 
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, collate, state)
     has_eval = dataset_shard("eval") is not None  # no eval split: no evaluation, checkpoints all the same
@@ -541,7 +541,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     import torch.distributed as dist
 
     from .models import compute_loss
-    from .pipeline import collate
+    from .data.pipeline import collate
 
     shard = dataset_shard("eval")
     if shard is None:

@@ -167,7 +167,7 @@ def _check_preprocessed(cfg: Config) -> bool:
     and no search has trained on it. Inputs changed under an existing search: ConfigError (its trials would mix)."""
     if cfg.data.preprocessed:
         return True
-    from .data_fingerprint import stale_preprocessed
+    from .data.fingerprint import stale_preprocessed
 
     reasons = stale_preprocessed(cfg)
     if not reasons:
@@ -185,7 +185,7 @@ def _ensure_preprocessed(cfg: Config, reuse: bool) -> Config:
     """Preprocess once; every trial then reads the same Parquet (no per-trial image decoding or tokenization)."""
     if cfg.data.preprocessed:
         return cfg
-    from .pipeline import run_preprocess
+    from .data.pipeline import run_preprocess
 
     if reuse:
         log.info("reusing preprocessed data at %s (same inputs)", cfg.data_output_path)

@@ -18,8 +18,8 @@ def setup(tmp_path_factory):
     import os
 
     from raytune_minicpmv.models import build_tiny
-    from raytune_minicpmv.pipeline import preprocess_for_check
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.pipeline import preprocess_for_check
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
 
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}.items():

@@ -22,8 +22,8 @@ import torch
 from raytune_minicpmv.config import LoraConfig, MergeConfig, TrainableConfig
 from raytune_minicpmv.merge import MANIFEST, merge_adapter, run_merge
 from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_model
-from raytune_minicpmv.pipeline import preprocess_for_check
-from raytune_minicpmv.sample_data import write_sample_dataset
+from raytune_minicpmv.data.pipeline import preprocess_for_check
+from raytune_minicpmv.data.sample_data import write_sample_dataset
 from raytune_minicpmv.safetensors_stream import CheckpointReader
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 CPU cores, most of it loading models and starting Ray

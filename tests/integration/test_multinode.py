@@ -169,7 +169,7 @@ def cluster():
 def _demo_inputs(root: Path) -> dict[str, str]:
     """The demo's tiny model and sample data, fewer records: 2 steps × 2 workers × micro-batch 2 = 8 train records."""
     from raytune_minicpmv.models import build_tiny
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
 
     build_tiny("minicpmv2_6", root / "tiny-minicpmv2_6")
     return {"model.path": str(root / "tiny-minicpmv2_6"),

@@ -8,11 +8,11 @@ import pytest
 import ray
 
 from raytune_minicpmv.config import config_from_dict, replace
-from raytune_minicpmv.pipeline import EmptySplitError, SkipCapError, build_dataset, collate, run_preprocess
-from raytune_minicpmv.records import BadRecord, read_raw_records
-from raytune_minicpmv.rows import preprocess_records
-from raytune_minicpmv.sample_data import write_sample_dataset
-from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
+from raytune_minicpmv.data.pipeline import EmptySplitError, SkipCapError, build_dataset, collate, run_preprocess
+from raytune_minicpmv.data.records import BadRecord, read_raw_records
+from raytune_minicpmv.data.rows import preprocess_records
+from raytune_minicpmv.data.sample_data import write_sample_dataset
+from raytune_minicpmv.data.templates import ModelSpec, TokenizerInfo
 from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -45,7 +45,7 @@ def ray_session():
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, published26, ray_session):
     """Sample data preprocessed ONCE with the published folder's own tokenizer (`raytune-minicpmv preprocess`)."""
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
 
     root = tmp_path_factory.mktemp("published_runs")
     p = {"model.path": str(published26),
@@ -129,7 +129,7 @@ def test_merged_folder_reloads_demo_style(merged, paths):
 def test_merged_folder_loads_in_a_fresh_interpreter(merged, paths):
     """The documented native one-liner (docs/MERGE.md) in a fresh interpreter, and the same logits as this process."""
     from raytune_minicpmv.models import load_model
-    from raytune_minicpmv.pipeline import preprocess_for_check
+    from raytune_minicpmv.data.pipeline import preprocess_for_check
 
     one_liner = ("import sys, torch; from raytune_minicpmv.models import load_model; "
                  "m = load_model(sys.argv[1], dtype=torch.float32); "

@@ -29,8 +29,8 @@ def ray_session():
 def inputs(tmp_path_factory, ray_session):
     """Tiny model + sample data, preprocessed ONCE to Parquet (each run then streams rows, not records)."""
     from raytune_minicpmv.models import build_tiny
-    from raytune_minicpmv.pipeline import run_preprocess
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.pipeline import run_preprocess
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
 
     root = tmp_path_factory.mktemp("train")
     paths = {"model.path": str(build_tiny("minicpmv2_6", root / "model")),

@@ -68,7 +68,7 @@ def test_merged_model_reloads_and_matches_the_adapter_model(tune_run):
 
     from raytune_minicpmv.demo import reload_check
     from raytune_minicpmv.models import MiniCPMV26, load_model
-    from raytune_minicpmv.pipeline import preprocess_for_check
+    from raytune_minicpmv.data.pipeline import preprocess_for_check
 
     cfg, summary = tune_run
     merged = summary["merged_path"]

@@ -120,7 +120,7 @@ def test_bad_data_raised_inside_ray_is_reported_as_its_message():
     from ray.exceptions import RayTaskError
 
     from raytune_minicpmv.cli import _user_error
-    from raytune_minicpmv.records import BadRecord
+    from raytune_minicpmv.data.records import BadRecord
 
     bad = BadRecord("/d/train.json", "r-7", "image_missing", "images/x.png does not exist")
     wrapped = RayTaskError("map_batches", "remote traceback ...", bad).as_instanceof_cause()

@@ -116,8 +116,8 @@ def test_micro_batch_shape_uses_the_preprocess_report(tmp_path):
 @pytest.mark.parametrize("mode", ["vision", "llm"])
 def test_per_tower_checkpointing_flags_one_tower_and_keeps_gradients(tmp_path, mode):
     from raytune_minicpmv.models import build_tiny, compute_loss, enable_gradient_checkpointing, load_model
-    from raytune_minicpmv.pipeline import preprocess_for_check
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.pipeline import preprocess_for_check
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
 
     ckpt = build_tiny("minicpmv2_6", tmp_path / "m")
     batch = preprocess_for_check(ckpt, write_sample_dataset(tmp_path / "d"), index=0)

@@ -118,7 +118,7 @@ def test_meter_counts_the_time_between_steps():
 
 def test_images_per_s_counts_images_not_crops():
     """Two rows: one image sliced into 3 crops, one image with 1 crop: 2 images, 4 crops."""
-    from raytune_minicpmv.rows import collate_rows
+    from raytune_minicpmv.data.rows import collate_rows
 
     rows = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [-100, 5]],
             "pixel_values": [bytes(3 * 14 * 14 * 3), bytes(3 * 14 * 14)],

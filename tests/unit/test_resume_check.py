@@ -193,8 +193,8 @@ def test_rewind_history_drops_steps_after_the_resume_point(tmp_path):
 
 
 def test_fingerprint_detects_a_changed_data_file_and_ignores_a_touch(tmp_path):
-    from raytune_minicpmv.data_fingerprint import inputs_fingerprint, stale_reasons
-    from raytune_minicpmv.templates import model_spec_from_config
+    from raytune_minicpmv.data.fingerprint import inputs_fingerprint, stale_reasons
+    from raytune_minicpmv.data.templates import model_spec_from_config
 
     data = tmp_path / "train.json"
     data.write_text(json.dumps([{"id": i} for i in range(16)]))
@@ -214,8 +214,8 @@ def test_fingerprint_detects_a_changed_data_file_and_ignores_a_touch(tmp_path):
 
 
 def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(tmp_path):
-    from raytune_minicpmv.data_fingerprint import inputs_fingerprint
-    from raytune_minicpmv.pipeline import model_side
+    from raytune_minicpmv.data.fingerprint import inputs_fingerprint
+    from raytune_minicpmv.data.pipeline import model_side
     from raytune_minicpmv.tune import _check_preprocessed, experiment_name
 
     assets = Path(__file__).resolve().parents[1] / "assets"

@@ -16,10 +16,10 @@ import torch
 
 from raytune_minicpmv.config import LoraConfig, TrainableConfig
 from raytune_minicpmv.models import apply_trainable_policy, build_tiny, compute_loss, load_model
-from raytune_minicpmv.records import read_raw_records
-from raytune_minicpmv.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy
-from raytune_minicpmv.sample_data import write_sample_dataset
-from raytune_minicpmv.templates import TokenizerInfo, model_spec_from_config
+from raytune_minicpmv.data.records import read_raw_records
+from raytune_minicpmv.data.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy
+from raytune_minicpmv.data.sample_data import write_sample_dataset
+from raytune_minicpmv.data.templates import TokenizerInfo, model_spec_from_config
 
 GOLDEN_LOSSES = [7.417376, 6.707579, 5.583538, 4.646075]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from raytune_minicpmv.templates import TokenizerInfo
+from raytune_minicpmv.data.templates import TokenizerInfo
 from raytune_minicpmv.models.tokenizer_loading import TokenizerLoadError, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -24,7 +24,7 @@ TEXTS = ["Describe the image.", "<image>你好 <|im_end|>\n\n  x <slice></slice>
 PROBE = """
 import json, sys, time
 t = time.time()
-from raytune_minicpmv.templates import TokenizerInfo
+from raytune_minicpmv.data.templates import TokenizerInfo
 tok = TokenizerInfo.load(sys.argv[1])
 print("IDS", json.dumps([tok.tokenizer(t, add_special_tokens=False)["input_ids"] for t in json.loads(sys.argv[2])]))
 print("SECONDS", round(time.time() - t, 1))

@@ -1,6 +1,6 @@
 """MiniCPM-V image slicing and patch packing, written from the algorithm description (no Ray, no torch).
 
-    from raytune_minicpmv.slicing import plan_slices, slice_image, pack_crop, normalize
+    from raytune_minicpmv.data.slicing import plan_slices, slice_image, pack_crop, normalize
     plan = plan_slices((1024, 768), max_slice_nums=9)   # grid (2, 2), source 518x392, 4 slices of 518x392
     crops = slice_image(rgb_pil_image, plan)             # [source, row0col0, row0col1, row1col0, ...] as PIL RGB
     packed = pack_crop(np.asarray(crops[0]))             # uint8 [3, 14, N*14], N = (H/14)*(W/14) patches

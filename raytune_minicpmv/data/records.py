@@ -1,6 +1,6 @@
 """Records in the MiniCPM-V fine-tune format: reading (JSON array, JSONL, Parquet) and validation (no Ray).
 
-    from raytune_minicpmv.records import read_raw_records, parse_record, BadRecord
+    from raytune_minicpmv.data.records import read_raw_records, parse_record, BadRecord
     for raw in read_raw_records("data/train.jsonl"):        # RawRecord(source, index, text)
         rec = parse_record(raw)                             # Record, or raises BadRecord(file, id, reason, detail)
 

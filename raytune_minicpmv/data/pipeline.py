@@ -28,8 +28,8 @@ from typing import Optional
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from .config import Config, is_uri, join_uri, resolve_llm_type
-from .data_fingerprint import inputs_fingerprint
+from ..config import Config, is_uri, join_uri, resolve_llm_type
+from .fingerprint import inputs_fingerprint
 from .records import REASONS, BadDataError, BadRecord, RawRecord, read_raw_records, validate_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
 from .templates import ModelSpec, TokenizerInfo, model_spec_from_config
@@ -94,7 +94,7 @@ def run_preprocess(cfg: Config) -> dict:
     A split that cannot be used (every record bad, an empty file, the skip cap) raises a SplitError after writing
     the report so far to `report.failed.json`; `report.json` is written only when every split succeeded.
     """
-    from .cluster.ray_session import check_storage, init_ray
+    from ..cluster.ray_session import check_storage, init_ray
 
     init_ray(cfg)
     check_storage(cfg)  # multi-node: the Parquet output must be visible from every node
@@ -154,7 +154,7 @@ def build_dataset(cfg: Config, split: str = "train"):
 
 def preprocess_for_check(model_dir, data_path, index: int = 0, max_length: int = 2048) -> dict:
     """One record of a data file as a collated model batch, without Ray (merge verification, demo checks)."""
-    from .models.registry import get_family
+    from ..models.registry import get_family
 
     spec = model_spec_from_config(model_dir, get_family(model_dir).llm_type)
     raw = list(read_raw_records(data_path))[index]

@@ -1,6 +1,6 @@
 """Open any valid image file as 8-bit RGB the same way every time (no Ray).
 
-    from raytune_minicpmv.images import load_rgb, ImageLoadError
+    from raytune_minicpmv.data.images import load_rgb, ImageLoadError
     img = load_rgb("photo.jpg")     # PIL.Image in mode "RGB"; raises ImageLoadError with a short reason
 
 Rules (documented in docs/DATA.md, "Unusual images"):

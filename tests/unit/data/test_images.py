@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raytune_minicpmv.images import ImageLoadError, load_rgb
-from raytune_minicpmv.slicing import plan_slices
+from raytune_minicpmv.data.images import ImageLoadError, load_rgb
+from raytune_minicpmv.data.slicing import plan_slices
 
 
 def _load(tmp_path, img, name, **save):

@@ -94,7 +94,7 @@ class TokenizerInfo:
 
     @classmethod
     def load(cls, path) -> "TokenizerInfo":
-        from .models.tokenizer_loading import load_tokenizer  # plain fast class: the official folder never prompts
+        from ..models.tokenizer_loading import load_tokenizer  # plain fast class: the official folder never prompts
 
         return cls.wrap(load_tokenizer(path))
 

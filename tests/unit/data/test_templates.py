@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raytune_minicpmv.records import BadRecord, Record
-from raytune_minicpmv.slicing import plan_slices
-from raytune_minicpmv.templates import (ModelSpec, TokenizerInfo, build_messages, image_placeholder,
+from raytune_minicpmv.data.records import BadRecord, Record
+from raytune_minicpmv.data.slicing import plan_slices
+from raytune_minicpmv.data.templates import (ModelSpec, TokenizerInfo, build_messages, image_placeholder,
                                         model_spec_from_config, tokenize_record)
 from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 QWEN = ModelSpec("qwen2")
 
 
@@ -86,7 +86,7 @@ def test_system_field_replaces_the_default(real26):
 
 def test_multi_image_text_order_ids_and_single_newline_join(real26):
     # dict order differs from text order: crops, ids and placeholders follow the TEXT
-    from raytune_minicpmv.records import RawRecord, parse_record
+    from raytune_minicpmv.data.records import RawRecord, parse_record
     raw = RawRecord("/tmp/x.json", 0, json.dumps({"id": "m", "image": {"<image_01>": "/b.png", "<image_00>": "/a.png"},
                     "conversations": [{"role": "user", "content": "<image_00>\n\n<image_01>  Compare."},
                                       {"role": "assistant", "content": "Same."}]}))
@@ -161,8 +161,8 @@ def test_truncation_before_a_later_image_drops_it_with_its_crops(tmp_path, real2
     # crops are gone from pixels and tgt_sizes as well (len(tgt_sizes) == len(image_bound) == sum(crops_per_image)).
     from PIL import Image
 
-    from raytune_minicpmv.records import RawRecord
-    from raytune_minicpmv.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy
+    from raytune_minicpmv.data.records import RawRecord
+    from raytune_minicpmv.data.rows import collate_rows, preprocess_records, rows_to_table, table_to_numpy
 
     Image.new("RGB", (1024, 768), (200, 10, 10)).save(tmp_path / "a.png")  # grid 2x2: 5 crops
     Image.new("RGB", (1000, 500), (10, 10, 200)).save(tmp_path / "b.png")  # grid 2x1: 3 crops

@@ -15,7 +15,7 @@ import hashlib
 import os
 from typing import Optional
 
-from .config import Config, is_uri
+from ..config import Config, is_uri
 
 VERSION = 1  # bump when the row format changes: old Parquet is then redone
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -93,7 +93,7 @@ def stale_preprocessed(cfg: Config) -> Optional[list[str]]:
     reasons it does not (local output paths; on an object store the output is trusted as is)."""
     import json
 
-    from .config import join_uri
+    from ..config import join_uri
     from .pipeline import model_side
 
     report = join_uri(cfg.data_output_path, "report.json")

@@ -1,6 +1,6 @@
 """A small, deterministic sample dataset in the MiniCPM-V fine-tune format (for tests and the demo).
 
-    from raytune_minicpmv.sample_data import write_sample_dataset
+    from raytune_minicpmv.data.sample_data import write_sample_dataset
     train_json = write_sample_dataset("/tmp/sample")                 # /tmp/sample/train.json + images/
     eval_json = write_sample_dataset("/tmp/sample", split="eval")    # /tmp/sample/eval.json (other records)
 

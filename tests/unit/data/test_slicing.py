@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raytune_minicpmv.slicing import (ensure_divide, find_best_resize, normalize, pack_crop, plan_slices,
+from raytune_minicpmv.data.slicing import (ensure_divide, find_best_resize, normalize, pack_crop, plan_slices,
                                       slice_image, unpack_crop)
 
 

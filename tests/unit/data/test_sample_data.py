@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from raytune_minicpmv.sample_data import write_sample_dataset
+from raytune_minicpmv.data.sample_data import write_sample_dataset
 
 
 def _tree_digest(root):

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raytune_minicpmv.records import BadRecord, parse_record, read_raw_records
-from raytune_minicpmv.rows import preprocess_records
-from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
+from raytune_minicpmv.data.records import BadRecord, parse_record, read_raw_records
+from raytune_minicpmv.data.rows import preprocess_records
+from raytune_minicpmv.data.templates import ModelSpec, TokenizerInfo
 from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 CONV = [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A dot."}]
@@ -174,7 +174,7 @@ def test_skip_mode_keeps_a_tombstone_per_bad_record(data_dir, tok):
 
 @pytest.fixture(scope="module")
 def real26():
-    return TokenizerInfo.load(Path(__file__).resolve().parents[1] / "assets" / "minicpmv26_tokenizer")
+    return TokenizerInfo.load(Path(__file__).resolve().parents[2] / "assets" / "minicpmv26_tokenizer")
 
 
 def _jsonl(path: Path, lines: list[bytes]) -> Path:
@@ -263,8 +263,8 @@ def test_ids_must_be_non_empty_strings_or_integers(data_dir, value, shown):
 
 
 def test_duplicate_ids_are_reported(data_dir):
-    from raytune_minicpmv.pipeline import read_and_check
-    from raytune_minicpmv.records import BadDataError
+    from raytune_minicpmv.data.pipeline import read_and_check
+    from raytune_minicpmv.data.records import BadDataError
 
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     path = _write(data_dir / "dup.json", [{"id": i, "conversations": conv} for i in ("a", "b", "a", 7, "7")])

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from raytune_minicpmv.pipeline import Collate
-from raytune_minicpmv.records import read_raw_records
-from raytune_minicpmv.rows import ROW_SCHEMA, preprocess_records, rows_to_table, table_to_numpy
-from raytune_minicpmv.sample_data import write_sample_dataset
-from raytune_minicpmv.slicing import normalize, pack_crop, plan_slices, slice_image
-from raytune_minicpmv.images import load_rgb
-from raytune_minicpmv.templates import ModelSpec, TokenizerInfo
+from raytune_minicpmv.data.pipeline import Collate
+from raytune_minicpmv.data.records import read_raw_records
+from raytune_minicpmv.data.rows import ROW_SCHEMA, preprocess_records, rows_to_table, table_to_numpy
+from raytune_minicpmv.data.sample_data import write_sample_dataset
+from raytune_minicpmv.data.slicing import normalize, pack_crop, plan_slices, slice_image
+from raytune_minicpmv.data.images import load_rgb
+from raytune_minicpmv.data.templates import ModelSpec, TokenizerInfo
 from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -47,7 +47,7 @@ def test_table_schema_and_batch(rows_table):
 def test_pixels_equal_direct_slicing(rows_table):
     raws, table = rows_table
     batch = Collate()(table_to_numpy(table.take([3])))
-    from raytune_minicpmv.records import parse_record
+    from raytune_minicpmv.data.records import parse_record
     rec = parse_record(raws[3])
     img = load_rgb(next(iter(rec.images.values())))
     crops = slice_image(img, plan_slices(img.size, 9))
