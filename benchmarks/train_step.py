@@ -135,9 +135,9 @@ def bench_worker(args_dict: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from raytune_minicpmv.metrics import FlopModel, ThroughputMeter, peak_flops
+    from raytune_minicpmv.train.metrics import FlopModel, ThroughputMeter, peak_flops
     from raytune_minicpmv.models import trainable_parameter_counts
-    from raytune_minicpmv.train import build_engine, train_step
+    from raytune_minicpmv.train.trainer import build_engine, train_step
 
     a = argparse.Namespace(**args_dict)
     cfg = bench_config(a)

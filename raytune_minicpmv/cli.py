@@ -182,7 +182,7 @@ def _dispatch(args) -> int:
         run_preprocess(cfg)
         return 0
     if cmd == "train":
-        from .train import run_train
+        from .train.trainer import run_train
 
         run_train(cfg)
         return 0

@@ -228,8 +228,8 @@ def make_trial_driver(cfg: Config):
         from ray import tune
 
         from .config import config_from_dict
-        from .resume_check import prepare_resume
-        from .train import build_trainer
+        from .train.resume_check import prepare_resume
+        from .train.trainer import build_trainer
 
         base = config_from_dict(cfg_dict, check_paths=False)
         trial_id = tune.get_context().get_trial_id()

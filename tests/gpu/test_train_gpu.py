@@ -21,7 +21,7 @@ def test_run_train_on_gpus_zero3_lora_bf16(tmp_path):
     from raytune_minicpmv.config import load_config
     from raytune_minicpmv.models import build_tiny
     from raytune_minicpmv.data.sample_data import write_sample_dataset
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     n_gpus = torch.cuda.device_count()
     cfg = load_config(DEMO, [

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 
 def run_steps(ckpt, batches, *overrides, steps=2):
-    from raytune_minicpmv.train import build_engine, train_step
+    from raytune_minicpmv.train.trainer import build_engine, train_step
 
     cfg = load_config(None, [f"model.path={ckpt}", "scaling.use_gpu=false", "model.dtype=fp32",
                              "trainable.llm=lora", "trainable.resampler=full", "lora.dropout=0.0",
@@ -70,7 +70,7 @@ def test_auto_picks_zero0_without_recompute_for_a_model_that_fits(setup, capsys)
 
 
 def test_profile_writes_a_trace_and_prints_the_summary(setup, capsys, tmp_path):
-    from raytune_minicpmv.profiling import WARMUP_STEPS
+    from raytune_minicpmv.train.profiling import WARMUP_STEPS
 
     ckpt, batches = setup
     run_steps(ckpt, batches, "deepspeed.zero_stage=0", "train.profile_steps=1", f"run.storage_path={tmp_path}",

@@ -147,7 +147,7 @@ def test_merged_folder_loads_in_a_fresh_interpreter(merged, paths):
 
 
 def test_resume_continues_from_the_last_checkpoint(lora_run, paths):
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     s = run_train(load_config(LORA_YAML, [*overrides(paths), *CPU, "run.name=lora", "train.max_steps=6",
                                           "train.save_steps=2", "train.eval_steps=2", "train.save_total_limit=3"]))
@@ -161,7 +161,7 @@ def test_full_fine_tuning_on_the_published_folder(paths):
     from safetensors.torch import load_file
 
     from raytune_minicpmv.models import load_model
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     cfg = load_config(LORA_YAML, [*overrides(paths), *CPU, "run.name=full", "trainable.llm=full",
                                   "trainable.vision=frozen", "trainable.resampler=full", "trainable.embed_tokens=frozen",

@@ -49,7 +49,7 @@ def config(inputs, name, *overrides):
 def lora_run(inputs):
     """ZeRO-3 LoRA, 20 steps. One micro-batch of 10 rows per rank is the whole 20-row split: every step sees all
     of it (the loss must fall), and the step-1 loss does not depend on which rows Ray hands to which rank."""
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     cfg = config(inputs, "lora", "train.max_steps=20", "train.micro_batch_size=10", "train.logging_steps=1",
                  "train.eval_steps=10", "train.save_steps=10", "train.save_total_limit=1")
@@ -93,7 +93,7 @@ def test_full_zero3_worker_failure_resumes_from_last_checkpoint(inputs):
     from safetensors.torch import load_file
 
     from raytune_minicpmv.models import load_model
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     cfg = config(inputs, "full_fail", "trainable.llm=full", "trainable.resampler=full", "trainable.vision=full",
                  "trainable.embed_tokens=full", "optim.lr=1e-4", "train.max_steps=8", "train.logging_steps=2",
@@ -131,7 +131,7 @@ def test_zero2_without_eval_split_gives_the_zero3_first_loss_checkpoints_and_rep
 
     import ray.train
 
-    from raytune_minicpmv.train import build_trainer, summarize
+    from raytune_minicpmv.train.trainer import build_trainer, summarize
 
     cfg = config(inputs, "zero2_noeval", f"data.output_path={_rows_dir(inputs, tmp_path)}", "deepspeed.zero_stage=2",
                  "train.max_steps=3", "optim.warmup_steps=0", "train.micro_batch_size=10", "train.logging_steps=1",
@@ -160,7 +160,7 @@ def test_empty_eval_split_fails_in_the_driver_before_training(inputs, tmp_path):
     import pyarrow.parquet as pq
 
     from raytune_minicpmv.config import ConfigError
-    from raytune_minicpmv.train import run_train
+    from raytune_minicpmv.train.trainer import run_train
 
     rows = _rows_dir(inputs, tmp_path)
     t = pq.read_table(Path(inputs["data.output_path"]) / "eval")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from raytune_minicpmv.deepspeed import lr_lambda
+from raytune_minicpmv.train.engine import lr_lambda
 
 
 def test_a_single_warmup_step_trains_the_first_step_at_the_peak():

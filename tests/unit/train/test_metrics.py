@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from raytune_minicpmv.metrics import FlopModel, StepCounts, ThroughputMeter, format_log_line, peak_flops
+from raytune_minicpmv.train.metrics import FlopModel, StepCounts, ThroughputMeter, format_log_line, peak_flops
 
 
 def batch():

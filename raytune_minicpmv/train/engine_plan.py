@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import Config, join_uri, replace
+from ..config import Config, join_uri, replace
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def model_size(cfg: Config) -> ModelSize:
     trainable policy applied, so LoRA and PEFT's trained copies are counted exactly as they will exist."""
     import torch
 
-    from .models import apply_trainable_policy, get_family, trainable_parameter_counts
-    from .models.registry import read_config_json
+    from ..models import apply_trainable_policy, get_family, trainable_parameter_counts
+    from ..models.registry import read_config_json
 
     fam = get_family(cfg.model.family)
     conf = fam.config_class.from_checkpoint_dict(read_config_json(cfg.model.path))

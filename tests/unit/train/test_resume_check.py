@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune_minicpmv.checkpoint import CorruptCheckpointError, write_marker, verify_checkpoint
+from raytune_minicpmv.train.checkpoint import CorruptCheckpointError, write_marker, verify_checkpoint
 from raytune_minicpmv.config import ConfigError, load_config
-from raytune_minicpmv.resume_check import SNAPSHOT, check_config_change, prepare_resume, repair_snapshot, rewind_history
+from raytune_minicpmv.train.resume_check import SNAPSHOT, check_config_change, prepare_resume, repair_snapshot, rewind_history
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
 
 
 def cfg_for(tmp_path, *overrides):
@@ -86,7 +86,7 @@ def test_marker_names_a_truncated_or_missing_file(run):
 
 
 def test_load_checkpoint_refuses_a_damaged_one_naming_the_file(run):
-    from raytune_minicpmv.checkpoint import load_checkpoint
+    from raytune_minicpmv.train.checkpoint import load_checkpoint
 
     _, run_dir = run
     d = run_dir / "checkpoint_step_0000004"
@@ -198,8 +198,8 @@ def test_fingerprint_detects_a_changed_data_file_and_ignores_a_touch(tmp_path):
 
     data = tmp_path / "train.json"
     data.write_text(json.dumps([{"id": i} for i in range(16)]))
-    tok = Path(__file__).resolve().parents[1] / "assets" / "minicpmv26_tokenizer"
-    model = Path(__file__).resolve().parents[1] / "assets" / "configs" / "minicpmv26_config"
+    tok = Path(__file__).resolve().parents[2] / "assets" / "minicpmv26_tokenizer"
+    model = Path(__file__).resolve().parents[2] / "assets" / "configs" / "minicpmv26_config"
     spec = model_spec_from_config(str(model), "qwen2", 2)
     cfg = cfg_for(tmp_path, f"data.train_path={data}", "data.eval_path=null")
     before = inputs_fingerprint(cfg, spec, str(tok))
@@ -218,7 +218,7 @@ def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(t
     from raytune_minicpmv.data.pipeline import model_side
     from raytune_minicpmv.tune import _check_preprocessed, experiment_name
 
-    assets = Path(__file__).resolve().parents[1] / "assets"
+    assets = Path(__file__).resolve().parents[2] / "assets"
     data = tmp_path / "train.json"
     data.write_text(json.dumps([{"id": i} for i in range(16)]))
     cfg = cfg_for(tmp_path, f"data.train_path={data}", f"data.eval_path={data}",

@@ -2,7 +2,7 @@
 
     raytune-minicpmv train --config configs/minicpmv26_lora.yaml [key.path=value ...]
 
-    from raytune_minicpmv.train import run_train, build_trainer
+    from raytune_minicpmv.train.trainer import run_train, build_trainer
     summary = run_train(cfg)                                   # validate, start Ray, fit, print and return the report
     trainer = build_trainer(cfg, run_name="trial-1", callbacks=[...])   # for Tune trial drivers; trainer.fit()
 
@@ -30,10 +30,10 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .checkpoint import TrainState, load_checkpoint
-from .config import Config, ConfigError, config_from_dict, is_uri, join_uri
-from .deepspeed import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, torch_dtype
+from ..config import Config, ConfigError, config_from_dict, is_uri, join_uri
+from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, torch_dtype
 from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, format_run_report, peak_flops
-from .train_progress import Progress, StepReporter, report_to_ray, step_actions
+from .progress import Progress, StepReporter, report_to_ray, step_actions
 
 log = logging.getLogger(__name__)
 _HF_DS_CONFIG = None  # see build_engine
@@ -48,15 +48,15 @@ def run_train(cfg: Config) -> dict:
 
     Rerunning the same command resumes (see `resume_check`); Ctrl-C or SIGTERM stops it cleanly (`Interrupted`)."""
     check_driver(cfg)
-    from .cluster.runlock import run_lock
+    from ..cluster.runlock import run_lock
 
     with run_lock(cfg.run_dir, command="train"):
         return _run_locked(cfg)
 
 
 def _run_locked(cfg: Config) -> dict:
-    from .cluster.ray_session import check_storage, init_ray
-    from .cluster.interrupts import stop_signals
+    from ..cluster.ray_session import check_storage, init_ray
+    from ..cluster.interrupts import stop_signals
     from .resume_check import prepare_resume
 
     plan = prepare_resume(cfg)
@@ -79,7 +79,7 @@ def _run_locked(cfg: Config) -> dict:
         try:
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's SIGINT handler, after aborting the run
-            from .cluster.interrupts import note_sigint
+            from ..cluster.interrupts import note_sigint
 
             note_sigint(stopped)
             result = None
@@ -93,7 +93,7 @@ def _run_locked(cfg: Config) -> dict:
 def _raise_interrupted(cfg: Config, signame: str) -> None:
     import signal
 
-    from .cluster.interrupts import Interrupted
+    from ..cluster.interrupts import Interrupted
     from .resume_check import repair_snapshot
 
     latest = None if is_uri(cfg.run_dir) else repair_snapshot(cfg.run_dir)[0]
@@ -106,7 +106,7 @@ def check_driver(cfg: Config) -> None:
     """Everything checkable before any worker starts: model family, tracker packages. Raises ConfigError."""
     problems = []
     try:
-        from .models import get_family
+        from ..models import get_family
 
         get_family(cfg.model.family)
     except (KeyError, ValueError) as e:
@@ -152,8 +152,8 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .cluster.ray_session import runtime_env_vars
-    from .cluster.log_control import ray_train_log_level
+    from ..cluster.ray_session import runtime_env_vars
+    from ..cluster.log_control import ray_train_log_level
 
     run_name = run_name or cfg.run.name
     if datasets is None:
@@ -192,7 +192,7 @@ def checkpoint_config(cfg: Config, has_eval: bool):
 def build_datasets(cfg: Config) -> dict:
     """The train (and, when there is one, eval) dataset; a split too small to train / evaluate is refused here,
     in the driver, before any worker starts (ConfigError)."""
-    from .data.pipeline import build_dataset
+    from ..data.pipeline import build_dataset
 
     datasets = {"train": build_dataset(cfg, "train")}
     if cfg.data.eval_path or cfg.data.preprocessed:
@@ -215,7 +215,7 @@ def split_rows(cfg: Config, split: str) -> int:
             return 0
         reasons = ds.to_table(columns=["skip_reason"]).column("skip_reason")
         return int(pc.sum(pc.equal(reasons, "")).as_py() or 0)
-    from .data.records import read_raw_records
+    from ..data.records import read_raw_records
 
     return sum(1 for _ in read_raw_records(cfg.data.train_path if split == "train" else cfg.data.eval_path))
 
@@ -320,7 +320,7 @@ def train_fn_per_worker(config_dict: dict) -> None:
 
         rewind_history(metrics_jsonl(cfg, run_name), tensorboard_dir(cfg, run_name), state.step)
 
-    from .data.pipeline import collate
+    from ..data.pipeline import collate
 
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, collate, state)
     has_eval = dataset_shard("eval") is not None  # no eval split: no evaluation, checkpoints all the same
@@ -414,7 +414,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     import torch.distributed as dist
 
     from .engine_plan import local_capacity_bytes, plan_engine
-    from .models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
+    from ..models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
     from .profiling import attach_profiler
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
@@ -508,7 +508,7 @@ def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[di
 def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
     """One optimizer step; returns (local loss sum, global StepCounts, step s, data-wait s, lr applied)."""
 
-    from .models import compute_loss
+    from ..models import compute_loss
 
     with Timer() as step_t:
         with Timer() as wait_t:
@@ -540,8 +540,8 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     """
     import torch.distributed as dist
 
-    from .models import compute_loss
-    from .data.pipeline import collate
+    from ..models import compute_loss
+    from ..data.pipeline import collate
 
     shard = dataset_shard("eval")
     if shard is None:

@@ -32,7 +32,7 @@ from typing import Optional
 import yaml
 
 from .checkpoint import CONFIG_FILE, read_train_state, verify_checkpoint
-from .config import Config, ConfigError, is_uri, join_uri
+from ..config import Config, ConfigError, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytune_minicpmv.config import ConfigError, load_config
-from raytune_minicpmv.train import check_split_rows, split_rows
+from raytune_minicpmv.train.trainer import check_split_rows, split_rows
 
 
 def cfg(*overrides):

@@ -2,7 +2,7 @@
 import pytest
 
 from raytune_minicpmv.config import load_config
-from raytune_minicpmv.train_progress import Progress, step_actions
+from raytune_minicpmv.train.progress import Progress, step_actions
 
 
 def cfg(*overrides):
@@ -42,7 +42,7 @@ def test_tune_trials_checkpoint_at_every_evaluation(max_steps, eval_steps):
     evaluated = _steps(c, True, "evaluate")
     assert evaluated and evaluated[-1] == max_steps
     assert _steps(c, True, "save") == evaluated == _steps(c, True, "report")
-    from raytune_minicpmv.train import checkpoint_config
+    from raytune_minicpmv.train.trainer import checkpoint_config
 
     assert checkpoint_config(c, has_eval=True).checkpoint_score_attribute == "eval_loss"  # the best is kept
 
@@ -57,8 +57,8 @@ def test_progress_lines_only_on_rank_zero_with_elapsed(capsys):
 
 
 def test_step_line_eta_from_the_steps_of_this_attempt(capsys):
-    from raytune_minicpmv.metrics import FlopModel, StepCounts, ThroughputMeter
-    from raytune_minicpmv.train_progress import StepReporter
+    from raytune_minicpmv.train.metrics import FlopModel, StepCounts, ThroughputMeter
+    from raytune_minicpmv.train.progress import StepReporter
 
     t = [0.0]
     clock = lambda: t[0]  # noqa: E731

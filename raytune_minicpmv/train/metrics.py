@@ -1,6 +1,6 @@
 """Training metrics: the FLOP model, the peak-FLOPs table, the throughput/MFU meter, trackers and the run report.
 
-    from raytune_minicpmv.metrics import FlopModel, StepCounts, ThroughputMeter, peak_flops
+    from raytune_minicpmv.train.metrics import FlopModel, StepCounts, ThroughputMeter, peak_flops
     fm = FlopModel.from_model(model, gradient_checkpointing=True)
     meter = ThroughputMeter(fm, peak_flops(), world_size)
     meter.start()                                          # (re)start the clock right before the first step

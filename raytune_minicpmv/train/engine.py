@@ -1,6 +1,6 @@
 """DeepSpeed wiring: the engine config, the optimizer and the learning-rate schedule, all from our typed config.
 
-    from raytune_minicpmv.deepspeed import build_ds_config, build_optimizer, build_lr_scheduler
+    from raytune_minicpmv.train.engine import build_ds_config, build_optimizer, build_lr_scheduler
     ds_cfg = build_ds_config(cfg)                     # dict for deepspeed.initialize / zero.Init (stage 0-3)
     opt = build_optimizer(model, cfg)                 # torch AdamW (fused on CUDA) or DeepSpeedCPUAdam with offload
     sched = build_lr_scheduler(opt, cfg)              # torch LambdaLR: the schedule the config names
@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 # Parameters whose name matches one of these (or that are 1-D) get no weight decay: biases, norm weights, and the
 # learned query / position tables, where decay only pulls them towards zero without regularizing anything.
@@ -37,7 +37,7 @@ NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "position_embedding", "q
 
 
 def torch_dtype(cfg: Config) -> torch.dtype:
-    from .models.registry import as_torch_dtype
+    from ..models.registry import as_torch_dtype
 
     return as_torch_dtype(cfg.model.dtype)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from raytune_minicpmv.config import ConfigError, load_config
-from raytune_minicpmv.deepspeed import build_ds_config, build_optimizer, fix_cuda_arch_list, param_groups
+from raytune_minicpmv.train.engine import build_ds_config, build_optimizer, fix_cuda_arch_list, param_groups
 
 
 def cfg_with(*overrides):

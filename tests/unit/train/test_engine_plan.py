@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raytune_minicpmv.config import load_config
-from raytune_minicpmv.engine_plan import (GIB, MicroBatch, ModelSize, choose, estimate_bytes, micro_batch_shape,
+from raytune_minicpmv.train.engine_plan import (GIB, MicroBatch, ModelSize, choose, estimate_bytes, micro_batch_shape,
                                           model_size, plan_engine)
 
 # The issue-12 workload: 2.21 B MiniCPM-V-2.6-shaped (SigLIP-400M + Qwen2-1.5B dims), LoRA q/k/v + vision + resampler
@@ -138,7 +138,7 @@ def test_per_tower_checkpointing_flags_one_tower_and_keeps_gradients(tmp_path, m
 
 
 def test_union_length_counts_overlapping_kernels_once():
-    from raytune_minicpmv.profiling import union_length
+    from raytune_minicpmv.train.profiling import union_length
 
     assert union_length([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert union_length([]) == 0

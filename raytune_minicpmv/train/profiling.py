@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Optional
 
-from .config import Config, is_uri, join_uri
+from ..config import Config, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raytune_minicpmv.config import load_config
-from raytune_minicpmv.deepspeed import build_lr_scheduler, warmup_steps
+from raytune_minicpmv.train.engine import build_lr_scheduler, warmup_steps
 
 
 def lrs(*overrides, steps=None):

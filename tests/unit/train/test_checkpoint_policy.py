@@ -1,6 +1,6 @@
 """Which checkpoints a run keeps: the best evaluated ones when every checkpoint carries an evaluation."""
 from raytune_minicpmv.config import config_from_dict
-from raytune_minicpmv.train import checkpoint_config
+from raytune_minicpmv.train.trainer import checkpoint_config
 
 
 def _cfg(save, eval_):
