@@ -11,7 +11,7 @@ LoRA r=64 on q/k/v/o of every layer plus a fully trained `embed_tokens` copy (`m
 What it runs, each in a fresh subprocess that reports its own peak RSS (VmHWM) and wall time:
   baseline   the seed's procedure: from_pretrained(bf16) + PeftModel.from_pretrained + merge_and_unload +
              save_pretrained (same max_shard_size)
-  ours       raytune_minicpmv.merge.merge_adapter with verify_samples=0 (the streaming merge alone)
+  ours       raytune_minicpmv.merge.merger.merge_adapter with verify_samples=0 (the streaming merge alone)
   ours+verify merge_adapter with the default verification (2 samples; loads adapter-on-base, then the merged model)
 and compares the tensors ours and the baseline wrote. Goal: ours ≤ 1.5 × (largest base shard + adapter).
 """
@@ -101,7 +101,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> None:
         model.save_pretrained(out, max_shard_size="2GB")
     else:
         from raytune_minicpmv.config import MergeConfig
-        from raytune_minicpmv.merge import merge_adapter
+        from raytune_minicpmv.merge.merger import merge_adapter
 
         merge_adapter(base, adapter, out, MergeConfig(dtype="bf16", verify_samples=0 if mode == "ours" else 2))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would inherit the parent's peak.
@@ -121,7 +121,7 @@ def measure(mode: str, base: Path, adapter: Path, out: Path) -> dict:
 def max_abs_diff(a: Path, b: Path) -> float:
     """Largest |ours - baseline| over all tensors. Not 0 in bf16: PEFT adds a bf16-rounded delta to the bf16 weight
     (two roundings); we add the fp32 delta to the fp32 weight and round once."""
-    from raytune_minicpmv.safetensors_stream import CheckpointReader
+    from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
 
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     if set(ra.keys()) != set(rb.keys()):
@@ -144,7 +144,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from raytune_minicpmv.safetensors_stream import CheckpointReader
+    from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

@@ -206,7 +206,7 @@ def _load(path, overrides, need_weights: bool):
 
 
 def _merge(args) -> int:
-    from .merge import run_merge
+    from .merge.merger import run_merge
     from .path_checks import merge_input_problems
 
     overrides = list(args.overrides) + ([f"merge.dtype={args.dtype}"] if args.dtype else [])

@@ -106,8 +106,8 @@ def user_error_types(merge: bool = False) -> tuple[type, ...]:
     check; for `merge` also its input errors (missing files, an output of other inputs, an adapter that does not fit).
     """
     from .config import ConfigError
-    from .lora_adapter import UnsupportedAdapterError
-    from .merge_verify import MergeVerificationError
+    from .merge.adapter import UnsupportedAdapterError
+    from .merge.verify import MergeVerificationError
     from .models.registry import CheckpointError
     from .data.pipeline import SplitError
     from .data.records import BadDataError, BadRecord

@@ -81,7 +81,7 @@ def _run_locked(cfg: Config) -> dict:
 
     summary = write_tune_report(exp_dir, trials, best, cfg, elapsed)
     if cfg.merge.enabled:
-        from .merge import run_merge
+        from .merge.merger import run_merge
 
         merged = run_merge(cfg.model.path, os.path.join(best.checkpoint_path, "adapter"), cfg.merge_output_path,
                            cfg.merge, cfg=cfg)

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from raytune_minicpmv.config import LoraConfig, MergeConfig, TrainableConfig
-from raytune_minicpmv.merge import MANIFEST, merge_adapter, run_merge
+from raytune_minicpmv.merge.merger import MANIFEST, merge_adapter, run_merge
 from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_model
 from raytune_minicpmv.data.pipeline import preprocess_for_check
 from raytune_minicpmv.data.sample_data import write_sample_dataset
-from raytune_minicpmv.safetensors_stream import CheckpointReader
+from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 CPU cores, most of it loading models and starting Ray
 
@@ -100,7 +100,7 @@ def test_run_merge_as_a_ray_task_then_noop(tiny, tmp_path, local_ray):
 
 KILLABLE = textwrap.dedent("""
     import sys, time, pathlib
-    import raytune_minicpmv.lora_adapter as la, raytune_minicpmv.merge as m
+    import raytune_minicpmv.merge.adapter as la, raytune_minicpmv.merge.merger as m
     from raytune_minicpmv.config import MergeConfig
     real, n = m.merged_tensor, [0]
     def slow(*a, **k):  # signal once a few tensors are on disk, then dawdle so the parent can kill us mid-write

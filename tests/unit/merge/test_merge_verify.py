@@ -17,10 +17,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import raytune_minicpmv.merge as merge_mod
+import raytune_minicpmv.merge.merger as merge_mod
 from raytune_minicpmv.config import MergeConfig
-from raytune_minicpmv.merge import MANIFEST, merge_adapter
-from raytune_minicpmv.merge_verify import MergeVerificationError, dtype_step, tolerance
+from raytune_minicpmv.merge.merger import MANIFEST, merge_adapter
+from raytune_minicpmv.merge.verify import MergeVerificationError, dtype_step, tolerance
 
 HIDDEN, VOCAB = 128, 512
 DROPPED = "model.layers.1.self_attn.v_proj.weight"

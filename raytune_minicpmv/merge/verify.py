@@ -1,6 +1,6 @@
 """Check a merged checkpoint against the adapter it came from: same logits on real samples, within a tolerance.
 
-    from raytune_minicpmv.merge_verify import verify_merged
+    from raytune_minicpmv.merge.verify import verify_merged
     verify_merged(base_dir, adapter_dir, merged_dir, merge_cfg)   # -> {"max_abs_diff": .., "atol": ..}, or raises
 
 Reference: the base checkpoint loaded in the merge dtype with the adapter applied the way users apply it
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .config import MergeConfig
-from .lora_adapter import OLD_SIDE_FILE, read_adapter
-from .models.registry import as_torch_dtype
+from ..config import MergeConfig
+from .adapter import OLD_SIDE_FILE, read_adapter
+from ..models.registry import as_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,14 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _is_minicpmv(path) -> bool:
-    from .models.registry import detect_family, read_config_json
+    from ..models.registry import detect_family, read_config_json
 
     return detect_family(read_config_json(path)) is not None
 
 
 def _load(path, dtype: torch.dtype, native: bool) -> torch.nn.Module:
     if native:
-        from .models import load_model
+        from ..models import load_model
 
         return load_model(path, dtype=dtype).eval()
     from transformers import AutoModelForCausalLM
@@ -178,7 +178,7 @@ def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size", 1000)
     if (Path(model_dir) / "tokenizer_config.json").is_file():
-        from .models.tokenizer_loading import load_tokenizer
+        from ..models.tokenizer_loading import load_tokenizer
 
         tok = load_tokenizer(model_dir)
         ids = [tok(_TEXTS[i % len(_TEXTS)])["input_ids"] for i in range(n)]
@@ -190,8 +190,8 @@ def _text_batches(model_dir, n: int) -> list[torch.Tensor]:
 
 def _minicpmv_batches(model_dir, n: int, scratch: Path) -> list[dict]:
     """One collated batch per record of the sample dataset (real images, slicing, chat template)."""
-    from .data.pipeline import preprocess_for_check
-    from .data.sample_data import write_sample_dataset
+    from ..data.pipeline import preprocess_for_check
+    from ..data.sample_data import write_sample_dataset
 
     records = write_sample_dataset(scratch / "data", split="eval", num_records=max(n, 6))
     return [preprocess_for_check(model_dir, records, index=i) for i in range(n)]

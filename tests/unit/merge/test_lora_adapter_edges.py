@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raytune_minicpmv.lora_adapter import Adapter, LoraFactors, TensorStore, merged_tensor
-from raytune_minicpmv.safetensors_stream import SafetensorsFiles
+from raytune_minicpmv.merge.adapter import Adapter, LoraFactors, TensorStore, merged_tensor
+from raytune_minicpmv.merge.safetensors_stream import SafetensorsFiles
 
 
 def _adapter(memory: dict, **kw) -> Adapter:

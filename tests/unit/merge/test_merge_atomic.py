@@ -11,10 +11,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import raytune_minicpmv.merge as merge_mod
+import raytune_minicpmv.merge.merger as merge_mod
 from raytune_minicpmv.config import MergeConfig
-from raytune_minicpmv.merge import MANIFEST, merge_adapter
-from raytune_minicpmv.merge_verify import MergeVerificationError
+from raytune_minicpmv.merge.merger import MANIFEST, merge_adapter
+from raytune_minicpmv.merge.verify import MergeVerificationError
 
 
 @pytest.fixture(scope="module")

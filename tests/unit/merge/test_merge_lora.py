@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from raytune_minicpmv.config import MergeConfig
-from raytune_minicpmv.lora_adapter import UnsupportedAdapterError
-from raytune_minicpmv.merge import MANIFEST, merge_adapter
-from raytune_minicpmv.safetensors_stream import INDEX_FILE, CheckpointReader
+from raytune_minicpmv.merge.adapter import UnsupportedAdapterError
+from raytune_minicpmv.merge.merger import MANIFEST, merge_adapter
+from raytune_minicpmv.merge.safetensors_stream import INDEX_FILE, CheckpointReader
 
 
 def tiny_qwen2(path: Path, shard: str = "40KB") -> Path:

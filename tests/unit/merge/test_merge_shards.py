@@ -11,7 +11,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from raytune_minicpmv.safetensors_stream import INDEX_FILE, plan_shards, write_sharded
+from raytune_minicpmv.merge.safetensors_stream import INDEX_FILE, plan_shards, write_sharded
 
 F32 = torch.float32
 

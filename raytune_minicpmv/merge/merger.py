@@ -2,7 +2,7 @@
 
     raytune-minicpmv merge --base BASE_DIR --adapter CKPT/adapter --out MERGED [-c cfg.yaml merge.dtype=bf16]
 
-    from raytune_minicpmv.merge import merge_adapter, run_merge
+    from raytune_minicpmv.merge.merger import merge_adapter, run_merge
     merge_adapter(base, adapter, out, MergeConfig())   # in this process, no Ray
     run_merge(base, adapter, out, MergeConfig())       # the same as a Ray task with declared CPU/memory(/GPU)
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, MergeConfig
-from .lora_adapter import Adapter, read_adapter, merged_tensor
-from .models.registry import as_torch_dtype
+from ..config import Config, MergeConfig
+from .adapter import Adapter, read_adapter, merged_tensor
+from ..models.registry import as_torch_dtype
 from .safetensors_stream import CheckpointReader, plan_shards, write_sharded
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def run_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
 
     `cfg` (optional) only tells `init_ray` where Ray is; the standalone CLI has no run config, so a default one is used.
     """
-    from .cluster.ray_session import driver_resources, init_ray
+    from ..cluster.ray_session import driver_resources, init_ray
 
     merge_cfg = merge_cfg or (cfg.merge if cfg else MergeConfig())
     cfg = cfg or Config()
@@ -161,7 +161,7 @@ def verify(base_dir: Path, adapter_dir: Path, merged_dir: Path, merge_cfg: Merge
     if merge_cfg.verify_samples == 0:
         log.warning("merge: verification skipped (merge.verify_samples=0)")
         return {"skipped": True}
-    from .merge_verify import verify_merged
+    from .verify import verify_merged
 
     return verify_merged(base_dir, adapter_dir, merged_dir, merge_cfg)
 
