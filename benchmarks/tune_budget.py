@@ -34,7 +34,7 @@ from raytune_minicpmv.demo import DEMO_CONFIG, prepare_demo_inputs  # noqa: E402
 
 
 def run_search(cfg, name: str, scheduler: str) -> dict:
-    from raytune_minicpmv.tune import run_tune
+    from raytune_minicpmv.tune.search import run_tune
 
     t0 = time.time()
     summary = run_tune(replace(cfg, run={"name": name}, tune={"scheduler": scheduler}))

@@ -187,7 +187,7 @@ def _dispatch(args) -> int:
         run_train(cfg)
         return 0
     if cmd == "tune":
-        from .tune import run_tune
+        from .tune.search import run_tune
 
         run_tune(cfg)
         return 0

@@ -34,7 +34,7 @@ def prepare_demo_inputs(out: Path) -> dict[str, str]:
 
 def run_demo(out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from .config import load_config
-    from .tune import run_tune
+    from .tune.search import run_tune
 
     t0 = time.time()
     out = Path(out_dir).resolve()

@@ -176,7 +176,7 @@ def test_full_fine_tuning_on_the_published_folder(paths):
 
 
 def test_tune_on_the_published_folder(paths):
-    from raytune_minicpmv.tune import run_tune
+    from raytune_minicpmv.tune.search import run_tune
 
     cfg = load_config(TUNE_YAML, [*overrides(paths), *CPU, "run.name=tune", "train.max_steps=2",
                                   "train.eval_steps=2", "tune.grace_period=1", "tune.search.lr=[1e-3]",

@@ -17,7 +17,7 @@ LRS = [3e-3, 1e-7, 1e-6]
 def tune_run(tmp_path_factory):
     from raytune_minicpmv.config import load_config
     from raytune_minicpmv.demo import DEMO_CONFIG, prepare_demo_inputs
-    from raytune_minicpmv.tune import run_tune
+    from raytune_minicpmv.tune.search import run_tune
 
     out = tmp_path_factory.mktemp("tune")
     inputs = prepare_demo_inputs(out)

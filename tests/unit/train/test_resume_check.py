@@ -216,7 +216,7 @@ def test_fingerprint_detects_a_changed_data_file_and_ignores_a_touch(tmp_path):
 def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(tmp_path):
     from raytune_minicpmv.data.fingerprint import inputs_fingerprint
     from raytune_minicpmv.data.pipeline import model_side
-    from raytune_minicpmv.tune import _check_preprocessed, experiment_name
+    from raytune_minicpmv.tune.search import _check_preprocessed, experiment_name
 
     assets = Path(__file__).resolve().parents[2] / "assets"
     data = tmp_path / "train.json"

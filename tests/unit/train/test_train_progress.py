@@ -35,7 +35,7 @@ def test_no_eval_split_no_evaluation_but_checkpoints():
 def test_tune_trials_checkpoint_at_every_evaluation(max_steps, eval_steps):
     """Issue 18 item 5: every evaluation of a Tune trial carries a checkpoint, so the best evaluation can always
     be merged (also the end-of-run evaluation when max_steps is not a multiple of eval_steps)."""
-    from raytune_minicpmv.tune import _tune_ready
+    from raytune_minicpmv.tune.search import _tune_ready
 
     c = _tune_ready(cfg(f"train.max_steps={max_steps}", f"train.eval_steps={eval_steps}", "train.save_steps=1000",
                         "data.eval_path=/x/eval.json"))

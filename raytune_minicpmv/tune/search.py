@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import Config, ConfigError, join_uri, replace
-from .cluster.log_control import tune_verbosity
+from ..config import Config, ConfigError, join_uri, replace
+from ..cluster.log_control import tune_verbosity
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class BestTrial:
 
 def run_tune(cfg: Config) -> dict:
     """Run the search, report it, merge the best trial. Returns a summary dict (also written to report.md)."""
-    from .cluster.runlock import run_lock
+    from ..cluster.runlock import run_lock
 
     cfg = _tune_ready(cfg)
     with run_lock(cfg.run_dir, command="tune"):  # <run_dir> holds the preprocessed data and the merged model
@@ -53,8 +53,8 @@ def run_tune(cfg: Config) -> dict:
 
 
 def _run_locked(cfg: Config) -> dict:
-    from . import cluster
-    from .cluster.interrupts import note_sigint, stop_signals
+    from .. import cluster
+    from ..cluster.interrupts import note_sigint, stop_signals
 
     reuse_data = _check_preprocessed(cfg)  # before Ray starts: stale rows of a running search are refused
     ray = cluster.init_ray(cfg)
@@ -77,11 +77,11 @@ def _run_locked(cfg: Config) -> dict:
 
     trials = collect_trials(results, cfg)
     best = select_best(trials, cfg.tune.metric, cfg.tune.mode)
-    from .tune_report import write_tune_report
+    from .report import write_tune_report
 
     summary = write_tune_report(exp_dir, trials, best, cfg, elapsed)
     if cfg.merge.enabled:
-        from .merge.merger import run_merge
+        from ..merge.merger import run_merge
 
         merged = run_merge(cfg.model.path, os.path.join(best.checkpoint_path, "adapter"), cfg.merge_output_path,
                            cfg.merge, cfg=cfg)
@@ -103,7 +103,7 @@ def _raise_if_incomplete(results, stopped, exp_dir: str) -> None:
 
     from ray.tune import ExperimentAnalysis
 
-    from .cluster.interrupts import Interrupted
+    from ..cluster.interrupts import Interrupted
 
     unfinished = None
     if results is not None:
@@ -167,7 +167,7 @@ def _check_preprocessed(cfg: Config) -> bool:
     and no search has trained on it. Inputs changed under an existing search: ConfigError (its trials would mix)."""
     if cfg.data.preprocessed:
         return True
-    from .data.fingerprint import stale_preprocessed
+    from ..data.fingerprint import stale_preprocessed
 
     reasons = stale_preprocessed(cfg)
     if not reasons:
@@ -185,7 +185,7 @@ def _ensure_preprocessed(cfg: Config, reuse: bool) -> Config:
     """Preprocess once; every trial then reads the same Parquet (no per-trial image decoding or tokenization)."""
     if cfg.data.preprocessed:
         return cfg
-    from .data.pipeline import run_preprocess
+    from ..data.pipeline import run_preprocess
 
     if reuse:
         log.info("reusing preprocessed data at %s (same inputs)", cfg.data_output_path)
@@ -227,9 +227,9 @@ def make_trial_driver(cfg: Config):
     def trial_driver(params: dict) -> None:
         from ray import tune
 
-        from .config import config_from_dict
-        from .train.resume_check import prepare_resume
-        from .train.trainer import build_trainer
+        from ..config import config_from_dict
+        from ..train.resume_check import prepare_resume
+        from ..train.trainer import build_trainer
 
         base = config_from_dict(cfg_dict, check_paths=False)
         trial_id = tune.get_context().get_trial_id()
@@ -248,8 +248,8 @@ def make_trial_driver(cfg: Config):
 
 
 def trial_progress_callbacks(cfg: Config) -> list:
-    from .cluster.log_control import want_trial_lines
-    from .tune_report import trial_progress_callback
+    from ..cluster.log_control import want_trial_lines
+    from .report import trial_progress_callback
 
     if not want_trial_lines():
         return []
@@ -260,7 +260,7 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .cluster.ray_session import driver_resources
+    from ..cluster.ray_session import driver_resources
 
     # trial drivers only wait on their TorchTrainer: a sliver of CPU, on the CPU head where the cluster has one
     trainable = tune.with_resources(make_trial_driver(cfg), driver_resources(cfg, dict(cfg.tune.driver_resources)))

@@ -2,8 +2,8 @@
 import pytest
 
 from raytune_minicpmv.config import ConfigError, config_from_dict
-from raytune_minicpmv.tune import TrialRecord, max_concurrent_trials, search_space, select_best, trial_config
-from raytune_minicpmv.tune_report import format_table, trial_rows, write_tune_report
+from raytune_minicpmv.tune.search import TrialRecord, max_concurrent_trials, search_space, select_best, trial_config
+from raytune_minicpmv.tune.report import format_table, trial_rows, write_tune_report
 
 
 def _cfg(**sections):

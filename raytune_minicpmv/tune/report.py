@@ -10,10 +10,10 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from .config import Config, is_uri, join_uri
+from ..config import Config, is_uri, join_uri
 
 if TYPE_CHECKING:
-    from .tune import BestTrial, TrialRecord
+    from .search import BestTrial, TrialRecord
 
 
 def trial_rows(trials: "list[TrialRecord]", cfg: Config) -> list[dict]:
