@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
 from ..config import Config, is_uri, join_uri
-
-if TYPE_CHECKING:
-    from .search import BestTrial, TrialRecord
+from .selection import BestTrial, TrialRecord
 
 
-def trial_rows(trials: "list[TrialRecord]", cfg: Config) -> list[dict]:
+def trial_rows(trials: list[TrialRecord], cfg: Config) -> list[dict]:
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "min" else -1)
     rows = []
     for t in trials:
@@ -46,7 +43,7 @@ def short_id(trial_id: str) -> str:
     return trial_id.split("_", 2)[-1] if trial_id.startswith("trial_driver_") else trial_id
 
 
-def build_figure(trials: "list[TrialRecord]", rows: list[dict], metric: str, best_id: str | None):
+def build_figure(trials: list[TrialRecord], rows: list[dict], metric: str, best_id: str | None):
     """Left: `metric` per evaluation step, one colour per trial (dashed: stopped early). Right: each trial's best
     `metric` against its learning rate, in the same colour as its curve. The winning trial is a star in both panels
     and named in the legend; one legend (below) serves both panels."""
@@ -103,7 +100,7 @@ def build_figure(trials: "list[TrialRecord]", rows: list[dict], metric: str, bes
     return fig
 
 
-def plot(trials: "list[TrialRecord]", rows: list[dict], metric: str, path: str, best_id: str | None = None) -> None:
+def plot(trials: list[TrialRecord], rows: list[dict], metric: str, path: str, best_id: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig = build_figure(trials, rows, metric, best_id)
@@ -111,7 +108,7 @@ def plot(trials: "list[TrialRecord]", rows: list[dict], metric: str, path: str, 
     plt.close(fig)
 
 
-def write_tune_report(exp_dir: str, trials: "list[TrialRecord]", best: "BestTrial", cfg: Config,
+def write_tune_report(exp_dir: str, trials: list[TrialRecord], best: BestTrial, cfg: Config,
                       elapsed_s: float) -> dict:
     """Print the table and write report.md, results.json and tune_results.png under exp_dir (local or shared FS)."""
     device = "GPU" if cfg.scaling.use_gpu else "worker"

@@ -81,7 +81,7 @@ def test_the_quiet_ray_data_config_is_rays_default_with_a_quieter_console():
 
 def test_tune_plot_marks_the_winner_and_matches_points_to_the_legend(tmp_path):
     from raytune_minicpmv.config import load_config
-    from raytune_minicpmv.tune.search import TrialRecord
+    from raytune_minicpmv.tune.selection import TrialRecord
     from raytune_minicpmv.tune.report import build_figure, plot, trial_rows
 
     cfg = load_config(None, ["scaling.use_gpu=false"], check_paths=False)

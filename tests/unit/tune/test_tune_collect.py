@@ -9,7 +9,7 @@ import pandas as pd
 from ray.tune import Result
 
 from raytune_minicpmv.config import config_from_dict
-from raytune_minicpmv.tune.search import collect_trials
+from raytune_minicpmv.tune.selection import collect_trials
 
 
 def _result(n_evals, trial_id="t1", error=None, path="/runs/r-tune/trial_dir_7"):

@@ -2,7 +2,8 @@
 import pytest
 
 from raytune_minicpmv.config import ConfigError, config_from_dict
-from raytune_minicpmv.tune.search import TrialRecord, max_concurrent_trials, search_space, select_best, trial_config
+from raytune_minicpmv.tune.search import max_concurrent_trials, search_space, trial_config
+from raytune_minicpmv.tune.selection import TrialRecord, select_best
 from raytune_minicpmv.tune.report import format_table, trial_rows, write_tune_report
 
 

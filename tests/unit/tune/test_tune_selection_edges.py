@@ -11,7 +11,8 @@ import logging
 import pytest
 
 from raytune_minicpmv.config import ConfigError, config_from_dict
-from raytune_minicpmv.tune.search import TrialRecord, max_concurrent_trials, select_best
+from raytune_minicpmv.tune.search import max_concurrent_trials
+from raytune_minicpmv.tune.selection import TrialRecord, select_best
 
 
 def _trial(tid, rows, status="finished", error=None):
