@@ -61,7 +61,7 @@ def save_checkpoint(engine, model: torch.nn.Module, out_dir: str, state: TrainSt
 
 def _save_rank0_files(model, out_dir: str, trained: dict, state: TrainState, config: dict) -> None:
     if is_peft(model):
-        from ..merge.adapter import save_adapter
+        from ..models.adapter_files import save_adapter
 
         # PEFT filters a full-key state dict to its adapter + modules_to_save keys and renames them.
         save_adapter(model, os.path.join(out_dir, ADAPTER_DIR), state_dict=trained)

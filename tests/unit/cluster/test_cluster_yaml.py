@@ -1,6 +1,6 @@
 """cluster.yaml and configs/docker/Dockerfile: the invariants the code relies on.
 
-Run: .venv/bin/python -m pytest tests/unit/test_cluster_yaml.py -q
+Run: .venv/bin/python -m pytest tests/unit/cluster/test_cluster_yaml.py -q
 """
 from __future__ import annotations
 

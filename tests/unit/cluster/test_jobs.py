@@ -1,7 +1,7 @@
 """jobs.py building blocks without a cluster: address, token lookup, runtime env, entrypoint checks; and the job-env
 merge rule of cluster.init_ray. The real submissions are in tests/integration/test_multinode.py.
 
-Run: .venv/bin/python -m pytest tests/unit/test_jobs.py -q
+Run: .venv/bin/python -m pytest tests/unit/cluster/test_jobs.py -q
 """
 from __future__ import annotations
 

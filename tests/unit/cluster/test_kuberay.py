@@ -1,6 +1,6 @@
 """configs/kuberay-rayjob.yaml: the same invariants as cluster.yaml, in KubeRay's terms.
 
-Run: .venv/bin/python -m pytest tests/unit/test_kuberay.py -q
+Run: .venv/bin/python -m pytest tests/unit/cluster/test_kuberay.py -q
 """
 from __future__ import annotations
 

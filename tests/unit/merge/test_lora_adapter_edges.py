@@ -2,7 +2,7 @@
 `merged_tensor` called on its own (shape checks, NaN guard, in-memory stores left untouched, non-float tensors kept),
 and `TensorStore` lookups across several prefixed sources.
 
-    .venv/bin/python -m pytest tests/unit/test_lora_adapter_edges.py -q
+    .venv/bin/python -m pytest tests/unit/merge/test_lora_adapter_edges.py -q
 """
 from __future__ import annotations
 

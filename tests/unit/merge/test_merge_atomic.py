@@ -1,6 +1,6 @@
 """Merge publication and verification: atomic output, rerun no-op, interrupted runs, a wrong merge is caught.
 
-    .venv/bin/python -m pytest tests/unit/test_merge_atomic.py -q
+    .venv/bin/python -m pytest tests/unit/merge/test_merge_atomic.py -q
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Merge math and checkpoint layout against PEFT itself, on tiny random causal LMs (no Ray).
 
-    .venv/bin/python -m pytest tests/unit/test_merge_lora.py -q
+    .venv/bin/python -m pytest tests/unit/merge/test_merge_lora.py -q
 
 The reference is always PEFT: the same adapter loaded with `PeftModel.from_pretrained` and folded with
 `merge_and_unload()`; in fp32 our streamed merge must equal it tensor for tensor.

@@ -2,7 +2,7 @@
 that fits the limit to the byte stays one shard, file names count from 1 of n, and every file carries the
 `format: pt` metadata transformers checks when it loads safetensors.
 
-    .venv/bin/python -m pytest tests/unit/test_merge_shards.py -q
+    .venv/bin/python -m pytest tests/unit/merge/test_merge_shards.py -q
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Merge verification on a model whose logits look like a trained LLM's (std of several units, max in the tens).
 
-    .venv/bin/python -m pytest tests/unit/test_merge_verify.py -q
+    .venv/bin/python -m pytest tests/unit/merge/test_merge_verify.py -q
 
 The tiny random models of the other merge tests have logits below 1, where bf16 steps are ~0.004 and any small
 absolute tolerance works. A trained LLM's logits reach the tens, where one bf16 step is 0.125: there a correct bf16

@@ -2,7 +2,7 @@
 docs/TESTING.md): the no-grad (evaluation) path, a target at the very first position, a chunk with no targets
 between chunks with targets, and a micro-batch without any target.
 
-    .venv/bin/python -m pytest tests/unit/test_loss_sum.py -q
+    .venv/bin/python -m pytest tests/unit/models/test_loss_sum.py -q
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Checkpoint compatibility of the native model: official key names, strict loading, round trips, family detection.
 
-Run: pytest tests/unit/test_model_checkpoint.py   (a few seconds)
+Run: pytest tests/unit/models/test_model_checkpoint.py   (a few seconds)
 """
 from __future__ import annotations
 

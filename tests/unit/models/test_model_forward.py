@@ -1,7 +1,7 @@
 """Forward semantics of the native model: resampler attention, image placement at image_bound,
 vision chunking, the text-only dummy path, out-of-place placement with frozen embeddings, and compute_loss.
 
-Run: pytest tests/unit/test_model_forward.py   (seconds)
+Run: pytest tests/unit/models/test_model_forward.py   (seconds)
 """
 from __future__ import annotations
 

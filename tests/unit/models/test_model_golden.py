@@ -5,7 +5,7 @@ How the numbers were obtained: this exact code was run once (torch 2.13.0 CPU, t
 pasted below. Sanity anchors: the first loss is close to ln(vocab 1563) = 7.35 (random init predicts uniformly),
 and the following ones go down. A tolerance of 1e-3 absorbs BLAS/thread-count noise only; a label shift or a
 misplaced image changes them by far more.
-Run: pytest tests/unit/test_model_golden.py   (~20 s on 2 cores)
+Run: pytest tests/unit/models/test_model_golden.py   (~20 s on 2 cores)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The padded slots are filled with large random values, not zeros: whatever sits t
 output, and one attended padded patch (or key) moves it far beyond the tolerance. The 2.5 tower, which reproduces
 the remote code's unmasked padding, is the check that the set-up sees a leak.
 
-Run: pytest tests/unit/test_padding_invariance.py   (~6 s)
+Run: pytest tests/unit/models/test_padding_invariance.py   (~6 s)
 """
 from __future__ import annotations
 

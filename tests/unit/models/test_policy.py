@@ -5,7 +5,7 @@ head, mlp 512, vocab 1563; vision hidden 64, 2 layers, mlp 128): computed once w
 and checked by hand: LoRA r=8 on q (128->128), k and v (128->64): 8*256 + 2*8*192 = 5120 per layer, x2 layers;
 resampler = query 16*128 + kv_proj 64*128 + in_proj 3*128*128+384 + out_proj 128*128+128 + 3 LNs 768 + proj 128*128
 = 93,440; vision = patch 64*588+64 + positions 4900*64 + 2 layers * 33,472 + post LN 128 = 418,368.
-Run: pytest tests/unit/test_policy.py   (seconds)
+Run: pytest tests/unit/models/test_policy.py   (seconds)
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ package's functions. The recipe, per axis of n patches: fractional coordinates `
 `bucketize(coords, arange(1/70, 1.0, 1/70), right=True)`; patch (r, c) -> `bucket_h[r] * 70 + bucket_w[c]`,
 padding slots 0.
 
-Run: pytest tests/unit/test_position_embeddings.py   (~6 s)
+Run: pytest tests/unit/models/test_position_embeddings.py   (~6 s)
 """
 from __future__ import annotations
 

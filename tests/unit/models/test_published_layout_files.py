@@ -66,7 +66,7 @@ def test_26_fixture_keeps_the_real_tokenizer_and_vocab(published26):
 @pytest.mark.parametrize("fixture", ["published26", "published25"])
 def test_lora_seed_recipe_adapter_saves_on_a_published_base(fixture, request, tmp_path):
     """Defect 1: PEFT's save calls MiniCPMV26Config.from_pretrained(base): the top-level patch_size crashed it."""
-    from raytune_minicpmv.merge.adapter import save_adapter
+    from raytune_minicpmv.models.adapter_files import save_adapter
 
     ckpt = request.getfixturevalue(fixture)
     cfg = lora_recipe(ckpt, "lora.r=4", "lora.alpha=8")
@@ -80,7 +80,7 @@ def test_lora_seed_recipe_adapter_saves_on_a_published_base(fixture, request, tm
 
 def test_adapter_config_names_no_class_of_ours(published26, tmp_path):
     """Defect 8: PEFT writes auto_mapping = our class; AutoPeftModel then refuses it (not in its import allowlist)."""
-    from raytune_minicpmv.merge.adapter import save_adapter
+    from raytune_minicpmv.models.adapter_files import save_adapter
 
     cfg = lora_recipe(published26, "lora.r=4", "trainable.vision=frozen")
     save_adapter(apply_trainable_policy(load_model(published26, torch.float32), cfg.trainable, cfg.lora),

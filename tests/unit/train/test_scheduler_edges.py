@@ -1,8 +1,8 @@
-"""Learning-rate schedule edges that tests/unit/test_scheduler.py does not reach (found by mutation testing,
+"""Learning-rate schedule edges that tests/unit/train/test_scheduler.py does not reach (found by mutation testing,
 docs/TESTING.md): one warmup step, a one-step decay, cosine away from its midpoint (where it equals linear), and
 the floor after the last step.
 
-    .venv/bin/python -m pytest tests/unit/test_scheduler_edges.py -q
+    .venv/bin/python -m pytest tests/unit/train/test_scheduler_edges.py -q
 """
 from __future__ import annotations
 

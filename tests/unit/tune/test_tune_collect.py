@@ -1,7 +1,7 @@
 """`collect_trials`: Ray Tune results → TrialRecords (status, id, history, time), on real `ray.tune.Result` objects
 (no cluster). Mutation testing found no test reaching it (docs/TESTING.md).
 
-    .venv/bin/python -m pytest tests/unit/test_tune_collect.py -q
+    .venv/bin/python -m pytest tests/unit/tune/test_tune_collect.py -q
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Best-trial selection and derived concurrency: edges tests/unit/test_tune_logic.py does not pin (found by
+"""Best-trial selection and derived concurrency: edges tests/unit/tune/test_tune_logic.py does not pin (found by
 mutation testing, docs/TESTING.md): rows that are not candidates, the tie warning, the failure message, the
 driver's share of a trial's resources, exact fits, and the over-subscription warning.
 
-    .venv/bin/python -m pytest tests/unit/test_tune_selection_edges.py -q
+    .venv/bin/python -m pytest tests/unit/tune/test_tune_selection_edges.py -q
 """
 from __future__ import annotations
 
