@@ -137,7 +137,7 @@ def bench_worker(args_dict: dict) -> dict:
 
     from raytune_minicpmv.train.metrics import FlopModel, ThroughputMeter, peak_flops
     from raytune_minicpmv.models import trainable_parameter_counts
-    from raytune_minicpmv.train.trainer import build_engine, train_step
+    from raytune_minicpmv.train.worker import build_engine, train_step
 
     a = argparse.Namespace(**args_dict)
     cfg = bench_config(a)

@@ -80,7 +80,7 @@ class StepReporter:
 
     def window_metrics(self, engine, state) -> dict[str, Any]:
         """The window's metrics (collective: the loss sum is all-reduced), then a new window starts."""
-        from .trainer import all_reduce
+        from .worker import all_reduce
 
         loss_sum = float(all_reduce(self.window[:1].clone(), engine.device)[0])
         grad = engine.get_global_grad_norm()

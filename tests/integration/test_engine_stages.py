@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 
 def run_steps(ckpt, batches, *overrides, steps=2):
-    from raytune_minicpmv.train.trainer import build_engine, train_step
+    from raytune_minicpmv.train.worker import build_engine, train_step
 
     cfg = load_config(None, [f"model.path={ckpt}", "scaling.use_gpu=false", "model.dtype=fp32",
                              "trainable.llm=lora", "trainable.resampler=full", "lora.dropout=0.0",

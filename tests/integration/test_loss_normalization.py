@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
 
     from raytune_minicpmv.train.engine import build_ds_config
     from raytune_minicpmv.models import load_model
-    from raytune_minicpmv.train.trainer import train_step
+    from raytune_minicpmv.train.worker import train_step
 
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in STAGES:

@@ -2,7 +2,8 @@
 import pytest
 
 from raytune_minicpmv.config import ConfigError, load_config
-from raytune_minicpmv.train.trainer import check_cluster, check_driver, worker_config
+from raytune_minicpmv.train.trainer import check_cluster, check_driver
+from raytune_minicpmv.train.worker import worker_config
 
 
 def cfg(*overrides):
