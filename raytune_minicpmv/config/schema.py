@@ -1,0 +1,244 @@
+"""The config schema: one frozen dataclass per concern (`run`, `ray`, `data`, `model`, `trainable`, `lora`, `optim`,
+`train`, `deepspeed`, `scaling`, `tune`, `merge`) and the `Config` that holds them. Every field has its default and a
+comment here; YAML is only their serialization (`loading.py`), the rules between fields are `validation.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections. Field comments are the user documentation (docs/CONFIG.md is generated from nothing else).
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"  # stable run name: reusing name + storage_path resumes that run
+    storage_path: str = "./runs"  # must be shared storage (NFS path or s3://, gs://) on multi-node clusters
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS env or a new local Ray; "auto": the running cluster
+    num_cpus: Optional[int] = None  # only for a new local Ray
+    include_dashboard: bool = True  # Tune+ASHA needs the State API to free stopped trials' placement groups
+    worker_group_start_timeout_s: float = 900.0  # long enough for the autoscaler to bring up GPU nodes
+    driver_resource: str = "trial_driver"  # custom resource of the CPU head; drivers/merge/job ask for 1 if present
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = ""  # JSON array, JSONL or Parquet in the MiniCPM-V fine-tune format
+    eval_path: Optional[str] = None
+    llm_type: Optional[str] = None  # minicpm | llama3 | qwen2 (alias qwen); None: from the model family
+    model_max_length: int = 2048
+    max_slice_nums: int = 9
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_skip_fraction: float = 0.05  # with on_bad_record=skip: fail when more than this fraction is skipped
+    output_path: Optional[str] = None  # preprocess output (Parquet shards + report); None: <storage>/<name>/data
+    preprocessed: bool = False  # train/tune read output_path as already-preprocessed Parquet
+    map_batch_size: int = 8  # records per map_batches call
+    num_cpus_per_task: float = 0.5  # CPU per preprocessing task; keep it fractional next to CPU train workers
+    max_tasks: Optional[int] = None  # cap on concurrent preprocessing tasks (None: Ray decides)
+    tokenizer_path: Optional[str] = None  # None: the model checkpoint directory
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "minicpmv2_6"
+    path: str = ""  # checkpoint directory (config.json + safetensors + tokenizer)
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    trust_remote_code: bool = False  # only for checkpoints of families we do not implement natively
+    # true | false | vision | llm (checkpoint only that tower's layers) | auto: the cheapest that fits the card,
+    # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
+    gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    preset: Optional[Literal["seed_compat"]] = None  # reproduce the official LoRA script's trainable set
+    vision: Literal["full", "lora", "frozen"] = "frozen"
+    resampler: Literal["full", "frozen"] = "full"
+    llm: Literal["full", "lora", "frozen"] = "lora"
+    embed_tokens: Literal["full", "frozen"] = "frozen"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.05
+    # regex over full module names (re.fullmatch, as PEFT does for a string)
+    target_modules: str = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    vision_target_modules: str = r"vpm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.01
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (every rank does exactly this many)
+    micro_batch_size: int = 1  # samples per GPU per forward
+    gradient_accumulation_steps: int = 1
+    eval_steps: int = 100
+    eval_max_batches: Optional[int] = None  # None: the whole eval split
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    max_failures: int = 0  # Ray Train retries of the worker group, resuming from the last checkpoint
+    fail_at_step: Optional[int] = None  # test hook: raise once at this step to exercise resume
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, mlflow, wandb
+    # > 0: torch-profile this many engine steps (micro-batches; = optimizer steps without accumulation) after 3
+    # warm-up steps on every rank; rank 0 prints the top
+    # kernels and the GPU idle %, each rank writes <run dir>/profile/trace_rank<R>.json (`train --profile`)
+    profile_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    # 0 (plain data parallel), 1 (optimizer state partitioned), 2 (+ gradients), 3 (+ parameters), or auto: the
+    # lowest stage whose estimated memory fits memory_fraction of the card (printed with the estimate)
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = "auto"
+    memory_fraction: float = 0.85  # auto choices: use at most this fraction of the card's (or host's) memory
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
+    overlap_comm: bool = True
+    reduce_bucket_size: float = 5e8
+    # train: ZeRO-3 keeps params smaller than this (numel) unpartitioned on every rank (less all-gather traffic)
+    param_persistence_threshold: float = 1e5
+    # train: fp16 only, dynamic loss scaling starts at 2**this
+    fp16_initial_scale_power: int = 16
+    # train: with offload_optimizer=cpu use DeepSpeedCPUAdam (JIT-compiled once, ~2 min); false: torch AdamW on CPU
+    cpu_adam: bool = True
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1  # one GPU per worker
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0  # sets the worker's thread count (OMP_NUM_THREADS); 1 starves the data loader
+    accelerator_type: Optional[str] = None  # e.g. H100: lands workers on that card type
+    # train: the driver checks ray.cluster_resources() covers the workers; false on autoscaling clusters whose
+    # GPU nodes are not up yet
+    check_resources: bool = True
+
+
+@dataclass(frozen=True)
+class SearchSpaceConfig:
+    lr: list[float] = field(default_factory=lambda: [1e-5, 1e-3])  # [low, high] for loguniform, values for grid
+    lr_sampler: Literal["loguniform", "grid"] = "loguniform"
+    weight_decay: Optional[list[float]] = None  # grid values
+    lora_r: Optional[list[int]] = None  # grid values
+    warmup_ratio: Optional[list[float]] = None  # grid values
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = 8  # samples per grid point
+    search: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 1  # in reports (evaluations)
+    reduction_factor: int = 2
+    max_t: Optional[int] = None  # in reports; None: max_steps // eval_steps
+    max_concurrent_trials: Optional[int] = None  # None: cluster GPUs // GPUs per trial
+    driver_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 0.05})
+    max_failures: int = 0  # Tune retries of a trial driver (Train resumes from its checkpoint)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    enabled: bool = True  # tune: merge the best trial when the search ends
+    output_path: Optional[str] = None  # None: <storage>/<name>/merged
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_shard_size: str = "2GB"  # limit per output safetensors file (KB/MB/GB/TB)
+    verify_samples: int = 2  # sample records run through adapter-on-base and the merged model; 0 skips the check
+    # max |Δ logit| merged vs adapter-on-base; None: measured on the model (verify_noise_factor × the noise of PEFT
+    # folding the same adapter in the same dtype, at least 2 dtype steps at the largest logit; docs/MERGE.md)
+    verify_atol: Optional[float] = None
+    verify_noise_factor: float = 3.0  # with verify_atol unset: how many times the measured rounding noise to allow
+    num_cpus: float = 1.0
+    # declared to Ray (None: the larger of 1.5 × (largest base shard + adapter) for the streaming merge and
+    # 1.3 × model + adapter for the verification, which loads one model at a time)
+    memory_gb: Optional[float] = None
+    num_gpus: float = 0.0  # > 0: the merge task takes a GPU and runs the verification forward passes on it
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    # ---- derived values, one place each
+    @property
+    def run_dir(self) -> str:
+        return join_uri(self.run.storage_path, self.run.name)
+
+    @property
+    def data_output_path(self) -> str:
+        return self.data.output_path or join_uri(self.run_dir, "data")
+
+    @property
+    def merge_output_path(self) -> str:
+        return self.merge.output_path or join_uri(self.run_dir, "merged")
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one train worker: one GPU + its CPUs, or (CPU-only) a CPU share that leaves room for
+        Ray Data's tasks (a CPU cluster whose workers take every CPU never schedules the data pipeline)."""
+        if self.scaling.use_gpu:
+            return {"CPU": self.scaling.cpus_per_worker, "GPU": 1.0}
+        return {"CPU": self.scaling.cpus_per_worker}
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.gradient_accumulation_steps * self.scaling.num_workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI (s3://bucket/x) without mangling the scheme."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+

@@ -1,0 +1,193 @@
+"""Config validation: every rule appends a problem naming the key path and the fix; one `ConfigError` lists them all.
+
+    problems = validate(cfg)                 # [] when the config is usable; check_paths=False skips the filesystem
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import fields
+
+from ..path_checks import checkpoint_problems, data_file_problems, storage_problems
+from .schema import Config, is_uri
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation: every rule appends a problem naming the key and the fix.
+
+LLM_TYPES = ("minicpm", "llama3", "qwen2", "qwen")
+
+
+def validate(cfg: Config, check_paths: bool = True) -> list[str]:
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    p += _non_finite(cfg, "")  # NaN / inf pass some range checks (inf >= 0); no field means them
+    need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name: must be a non-empty name without '/'")
+    need(0 <= cfg.run.seed < 2**32, "run.seed: must be in [0, 2**32) (the range every RNG here accepts)")
+    need(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus: must be >= 1 or unset")
+    need(cfg.ray.worker_group_start_timeout_s > 0, "ray.worker_group_start_timeout_s: must be > 0 (seconds)")
+    need(cfg.ray.driver_resource.isidentifier() or cfg.ray.driver_resource == "",
+         "ray.driver_resource: must be a resource name like trial_driver (or \"\" to disable)")
+    # data
+    d = cfg.data
+    need(d.llm_type is None or d.llm_type in LLM_TYPES,
+         f"data.llm_type: {d.llm_type!r} is not one of {', '.join(LLM_TYPES)} (or leave it unset)")
+    need(d.model_max_length >= 16, "data.model_max_length: must be >= 16")
+    need(1 <= d.max_slice_nums <= 36, "data.max_slice_nums: must be in [1, 36] (MiniCPM-V uses 9)")
+    need(0.0 <= d.max_skip_fraction <= 1.0, "data.max_skip_fraction: must be in [0, 1]")
+    need(d.map_batch_size >= 1, "data.map_batch_size: must be >= 1")
+    need(0 < d.num_cpus_per_task <= 64, "data.num_cpus_per_task: must be in (0, 64]")
+    need(d.max_tasks is None or d.max_tasks >= 1, "data.max_tasks: must be >= 1 or unset")
+    if check_paths:
+        if d.preprocessed:
+            need(_exists(cfg.data_output_path),
+                 f"data.output_path: {cfg.data_output_path} does not exist (run `raytune-minicpmv preprocess` "
+                 "first, or set data.preprocessed=false)")
+        else:
+            need(bool(d.train_path), "data.train_path: required (a JSON, JSONL or Parquet file)")
+            need(not d.train_path or _exists(d.train_path), f"data.train_path: {d.train_path} does not exist")
+            need(not d.train_path or not _is_dir(d.train_path),
+                 f"data.train_path: {d.train_path} is a directory; give one .json, .jsonl or .parquet file")
+        need(d.eval_path is None or _exists(d.eval_path), f"data.eval_path: {d.eval_path} does not exist")
+        need(d.eval_path is None or not _is_dir(d.eval_path),
+             f"data.eval_path: {d.eval_path} is a directory; give one .json, .jsonl or .parquet file")
+        need(d.tokenizer_path is None or _exists(d.tokenizer_path),
+             f"data.tokenizer_path: {d.tokenizer_path} does not exist")
+        if not d.preprocessed:
+            p += data_file_problems("data.train_path", d.train_path) + data_file_problems("data.eval_path",
+                                                                                          d.eval_path)
+        p += storage_problems(cfg.run.storage_path)
+    # model
+    m = cfg.model
+    if check_paths:
+        need(bool(m.path) or d.tokenizer_path is not None,
+             "model.path: required (a checkpoint directory; `raytune-minicpmv demo` builds a tiny one)")
+        need(not m.path or _exists(m.path), f"model.path: {m.path} does not exist")
+        p += checkpoint_problems(m.path, m.family)
+    # trainable / lora
+    t = cfg.trainable
+    if t.preset is None:
+        need(any(v in ("full", "lora") for v in (t.vision, t.resampler, t.llm, t.embed_tokens)),
+             "trainable: every part is frozen; make at least one of vision/resampler/llm/embed_tokens full or lora")
+    lo = cfg.lora
+    need(lo.r >= 1, "lora.r: must be >= 1")
+    need(lo.alpha >= 1, "lora.alpha: must be >= 1")
+    need(0.0 <= lo.dropout < 1.0, "lora.dropout: must be in [0, 1)")
+    for name in ("target_modules", "vision_target_modules"):
+        try:
+            __import__("re").compile(getattr(lo, name))
+        except Exception as e:  # noqa: BLE001 - report any regex error
+            p.append(f"lora.{name}: not a valid regex ({e})")
+    # optim
+    o = cfg.optim
+    need(0 < o.lr < 1, "optim.lr: must be in (0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
+    need(0 <= o.adam_beta1 < 1, "optim.adam_beta1: must be in [0, 1)")
+    need(0 <= o.adam_beta2 < 1, "optim.adam_beta2: must be in [0, 1)")
+    need(o.adam_eps > 0, "optim.adam_eps: must be > 0")
+    need(o.max_grad_norm >= 0, "optim.max_grad_norm: must be >= 0 (0 disables clipping)")
+    need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio: must be in [0, 1)")
+    need(o.warmup_steps is None or 0 <= o.warmup_steps < cfg.train.max_steps,
+         "optim.warmup_steps: must be in [0, train.max_steps)")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio: must be in [0, 1]")
+    # train
+    tr = cfg.train
+    need(tr.max_steps >= 1, "train.max_steps: must be >= 1")
+    need(tr.micro_batch_size >= 1, "train.micro_batch_size: must be >= 1")
+    need(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
+    need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
+    need(tr.logging_steps >= 1, "train.logging_steps: must be >= 1")
+    need(tr.save_steps >= 1, "train.save_steps: must be >= 1")
+    need(tr.save_total_limit >= 1, "train.save_total_limit: must be >= 1")
+    need(tr.max_failures >= -1, "train.max_failures: must be >= -1 (-1 retries forever)")
+    for r in tr.report_to:
+        need(r in ("tensorboard", "mlflow", "wandb"), f"train.report_to: {r!r} is not tensorboard, mlflow or wandb")
+    # deepspeed
+    ds = cfg.deepspeed
+    need(not (ds.offload_param == "cpu" and ds.zero_stage not in (3, "auto")),
+         "deepspeed.offload_param: parameter offload needs zero_stage 3 (or auto)")
+    need(not (ds.offload_optimizer == "cpu" and ds.zero_stage in (0, 1)),
+         "deepspeed.offload_optimizer: needs zero_stage 2, 3 or auto")
+    need(0.1 <= ds.memory_fraction <= 1.0, "deepspeed.memory_fraction: must be in [0.1, 1]")
+    need(tr.profile_steps >= 0, "train.profile_steps: must be >= 0 (0: no profile)")
+    need(not (m.dtype == "fp16" and not cfg.scaling.use_gpu), "model.dtype: fp16 needs GPUs; use bf16 or fp32 on CPU")
+    need(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold: must be >= 0")
+    need(ds.reduce_bucket_size > 0, "deepspeed.reduce_bucket_size: must be > 0")
+    need(4 <= ds.fp16_initial_scale_power <= 32, "deepspeed.fp16_initial_scale_power: must be in [4, 32]")
+    need(tr.eval_max_batches is None or tr.eval_max_batches >= 1, "train.eval_max_batches: must be >= 1 or unset")
+    need(tr.fail_at_step is None or 1 <= tr.fail_at_step <= tr.max_steps,
+         "train.fail_at_step: must be in [1, train.max_steps] or unset (a test hook)")
+    # scaling
+    sc = cfg.scaling
+    need(sc.num_workers >= 1, "scaling.num_workers: must be >= 1")
+    need(sc.cpus_per_worker > 0, "scaling.cpus_per_worker: must be > 0")
+    # tune
+    tu = cfg.tune
+    need(tu.num_samples >= 1, "tune.num_samples: must be >= 1")
+    need(len(tu.search.lr) >= 1, "tune.search.lr: give [low, high] (loguniform) or grid values")
+    if tu.search.lr_sampler == "loguniform":
+        need(len(tu.search.lr) == 2 and 0 < tu.search.lr[0] < tu.search.lr[1],
+             "tune.search.lr: loguniform needs [low, high] with 0 < low < high")
+    need(all(0 < v < 1 for v in tu.search.lr), "tune.search.lr: learning rates must be in (0, 1)")
+    need(tu.grace_period >= 1, "tune.grace_period: must be >= 1")
+    need(tu.reduction_factor >= 2, "tune.reduction_factor: must be >= 2")
+    need(tu.max_t is None or tu.max_t >= tu.grace_period, "tune.max_t: must be >= tune.grace_period")
+    need(tu.max_concurrent_trials is None or tu.max_concurrent_trials >= 1, "tune.max_concurrent_trials: must be >= 1")
+    need(tu.max_failures >= -1, "tune.max_failures: must be >= -1 (-1 retries forever)")
+    sp = tu.search
+    need(sp.weight_decay is None or (len(sp.weight_decay) >= 1 and all(v >= 0 for v in sp.weight_decay)),
+         "tune.search.weight_decay: grid values must be >= 0 (at least one, or unset)")
+    need(sp.lora_r is None or (len(sp.lora_r) >= 1 and all(v >= 1 for v in sp.lora_r)),
+         "tune.search.lora_r: grid values must be >= 1 (at least one, or unset)")
+    need(sp.warmup_ratio is None or (len(sp.warmup_ratio) >= 1 and all(0 <= v < 1 for v in sp.warmup_ratio)),
+         "tune.search.warmup_ratio: grid values must be in [0, 1) (at least one, or unset)")
+    need(all(v > 0 for v in tu.driver_resources.values()),
+         "tune.driver_resources: every amount must be > 0 (Ray rejects an empty request)")
+    # merge
+    mg = cfg.merge
+    need(mg.verify_samples >= 0, "merge.verify_samples: must be >= 0")
+    need(mg.verify_atol is None or mg.verify_atol > 0, "merge.verify_atol: must be > 0 (or unset to measure it)")
+    need(mg.verify_noise_factor >= 1, "merge.verify_noise_factor: must be >= 1 (a correct merge has 1 x the noise)")
+    need(mg.num_cpus > 0, "merge.num_cpus: must be > 0")
+    shard = __import__("re").fullmatch(r"(?i)\s*(\d+(\.\d+)?)\s*(KB|MB|GB|TB)\s*", mg.max_shard_size)
+    need(shard is not None and float(shard.group(1)) > 0,
+         f"merge.max_shard_size: {mg.max_shard_size!r} is not a size > 0 like 500MB or 2GB")
+    need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
+    need(mg.num_gpus >= 0 and (mg.num_gpus <= 1 or mg.num_gpus == int(mg.num_gpus)),
+         "merge.num_gpus: must be >= 0, and a whole number above 1 (Ray's rule for fractional GPUs)")
+    return p
+
+
+def _is_dir(path: str) -> bool:
+    return not is_uri(path) and os.path.isdir(path)
+
+
+def _non_finite(obj, prefix: str) -> list[str]:
+    """Every float anywhere in the config (lists and mappings too) that is NaN or infinite, by key path."""
+    if dataclasses.is_dataclass(obj):
+        return [m for f in fields(obj) for m in _non_finite(getattr(obj, f.name), f"{prefix}.{f.name}".lstrip("."))]
+    if isinstance(obj, list):
+        return [m for i, v in enumerate(obj) for m in _non_finite(v, f"{prefix}[{i}]")]
+    if isinstance(obj, dict):
+        return [m for k, v in obj.items() for m in _non_finite(v, f"{prefix}.{k}")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [f"{prefix}: must be a finite number, got {obj}"]
+    return []
+
+
+def _exists(path: str) -> bool:
+    if is_uri(path):
+        return True  # remote storage is checked when it is opened
+    return os.path.exists(path)
+
+
+def resolve_llm_type(cfg: Config) -> str:
+    """The chat template family: data.llm_type if set, else the model family's default. `qwen` == `qwen2`."""
+    if cfg.data.llm_type:
+        return "qwen2" if cfg.data.llm_type == "qwen" else cfg.data.llm_type
+    return {"minicpmv2_0": "minicpm", "minicpmv2_5": "llama3"}.get(cfg.model.family, "qwen2")
