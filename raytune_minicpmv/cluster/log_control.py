@@ -88,6 +88,10 @@ def worker_env() -> dict[str, str]:
 
 def _apply(level: str) -> None:
     if level == "DEBUG":
+        # an environment inherited from a quiet run (a parent command, an earlier call in this process) must not
+        # keep Ray Data quiet here
+        if os.environ.get("RAY_DATA_LOGGING_CONFIG") == str(RAY_DATA_QUIET_CONFIG):
+            del os.environ["RAY_DATA_LOGGING_CONFIG"]
         return
     # read by transformers / huggingface_hub / Ray Data when they are imported (after this, in workers: the hook
     # runs before any task); set here rather than imported, so a bare Ray worker does not pay for the imports

@@ -43,14 +43,17 @@ def run_train(cfg: Config) -> dict:
 
     Rerunning the same command resumes (see `resume_check`); Ctrl-C or SIGTERM stops it cleanly (`Interrupted`)."""
     check_driver(cfg)
+    from ..cluster.ray_session import check_storage, init_ray
     from ..cluster.runlock import run_lock
 
+    init_ray(cfg)
+    check_storage(cfg)  # multi-node: storage_path must be visible from every node (before the lock writes to it)
     with run_lock(cfg.run_dir, command="train"):
         return _run_locked(cfg)
 
 
 def _run_locked(cfg: Config) -> dict:
-    from ..cluster.ray_session import check_storage, init_ray
+    from ..cluster.ray_session import init_ray
     from ..cluster.interrupts import stop_signals
     from .resume_check import prepare_resume
 
@@ -62,8 +65,7 @@ def _run_locked(cfg: Config) -> dict:
         return {"run_dir": cfg.run_dir, "already_finished": True, "steps": plan.step, "checkpoint": plan.checkpoint}
     for key, (old, new) in plan.applied.items():
         print(f"resume: {key} changed from {old!r} to {new!r} (applied)", flush=True)
-    ray = init_ray(cfg)
-    check_storage(cfg)  # multi-node: storage_path must be visible from every node
+    ray = init_ray(cfg)  # already started by run_train: returns the module
     check_cluster(cfg, ray.cluster_resources())
     trainer = build_trainer(cfg)
     print(f"training run {cfg.run.name!r}: checkpoints and results in {cfg.run_dir}; "

@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 def run_tune(cfg: Config) -> dict:
     """Run the search, report it, merge the best trial. Returns a summary dict (also written to report.md)."""
+    from .. import cluster
     from ..cluster.runlock import run_lock
 
     cfg = _tune_ready(cfg)
+    cluster.init_ray(cfg)
+    cluster.check_storage(cfg)  # multi-node: storage_path must be shared (before the lock writes to it)
     with run_lock(cfg.run_dir, command="tune"):  # <run_dir> holds the preprocessed data and the merged model
         return _run_locked(cfg)
 
@@ -44,9 +47,8 @@ def _run_locked(cfg: Config) -> dict:
     from .. import cluster
     from ..cluster.interrupts import note_sigint, stop_signals
 
-    reuse_data = _check_preprocessed(cfg)  # before Ray starts: stale rows of a running search are refused
-    ray = cluster.init_ray(cfg)
-    cluster.check_storage(cfg)
+    reuse_data = _check_preprocessed(cfg)  # before any trial: stale rows of a running search are refused
+    ray = cluster.init_ray(cfg)  # already started by run_tune: returns the module
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     cfg = _ensure_preprocessed(cfg, reuse_data)
     exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))

@@ -42,7 +42,7 @@ def run_steps(ckpt, batches, *overrides, steps=2):
                              "trainable.llm=lora", "trainable.resampler=full", "lora.dropout=0.0",
                              "optim.lr=1e-2", "optim.warmup_steps=0", "train.max_steps=2", *overrides],
                       check_paths=False)
-    engine, model = build_engine(cfg)
+    engine, model = build_engine(cfg, say=print)  # say: what the worker gives rank 0 (its progress printer)
     it = itertools.cycle(batches)
     losses = [train_step(engine, it, cfg, world=1)[0] for _ in range(steps)]
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -163,3 +163,15 @@ def test_quiet_ray_workers(tmp_path):
         assert noise in outs["DEBUG"], noise  # the test can see it when it is there
     assert "OUR-PROGRESS-LINE" in outs["INFO"] and "\n8\n" in outs["INFO"]
     assert "ray.include_dashboard=false" in outs["INFO"]  # said once instead of the cleaner's repeated warning
+
+
+def test_debug_drops_a_quiet_ray_data_config_inherited_from_a_quiet_run(monkeypatch):
+    """A DEBUG command started from a quiet one's environment (or after one in the same process) shows Ray Data."""
+    from raytune_minicpmv.cluster import log_control
+
+    monkeypatch.setenv("RAY_DATA_LOGGING_CONFIG", str(log_control.RAY_DATA_QUIET_CONFIG))
+    monkeypatch.setenv(log_control.LEVEL_ENV, "INFO")
+    log_control.configure("DEBUG")
+    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ
+    log_control.configure("INFO")
+    assert os.environ["RAY_DATA_LOGGING_CONFIG"] == str(log_control.RAY_DATA_QUIET_CONFIG)
