@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv clean prebuild-ds mutate
+.PHONY: demo test test-all test-fast venv clean prebuild-ds mutate
 
 venv: $(STAMP)
 
@@ -26,8 +26,12 @@ prebuild-ds: venv
 demo: venv prebuild-ds
 	$(BIN)/raytune-minicpmv demo --out demo_out
 
+# make test: unit + integration tests (~15 min on 2 cores); make test-all (what CI runs) adds the `long` ones.
 test: venv prebuild-ds
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not long" $(PYTEST_ARGS)
+
+test-all: venv prebuild-ds
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -31,7 +31,7 @@ import pytest
 
 from raytune_minicpmv.cluster.ray_session import SIMULATE_NODE_LOCAL_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
