@@ -1,12 +1,9 @@
 """Loading a config: YAML file + dotted overrides → the typed `Config` (schema.py), validated (validation.py).
 
-    cfg = load_config("configs/demo.yaml", ["train.max_steps=10", "optim.lr=3e-4"])
+    cfg = config_from_dict(raw, base_dir="configs")     # what load_config does after reading the file
 
-`load_config` reads the YAML, applies dotted ``key.path=value`` overrides (values parsed as YAML scalars),
-builds the dataclasses and validates them. Every problem (unknown key, wrong type, out-of-range value, missing
-path, inconsistent combination) is collected and raised at once as a `ConfigError` naming the key path and the
-fix. Relative paths in a config file resolve against the file's directory, so a config works from any CWD;
-relative paths given as overrides (on the command line) resolve against the current directory, as a shell would.
+The rules (override syntax, which paths resolve against the file and which against the current directory, every
+problem at once) are described in the package docstring (`raytune_minicpmv/config/__init__.py`).
 """
 from __future__ import annotations
 

@@ -33,16 +33,6 @@ CPU = ["ray.address=null", "scaling.num_workers=2", "scaling.use_gpu=false", "sc
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def paths(tmp_path_factory, published26, ray_session):
     """Sample data preprocessed ONCE with the published folder's own tokenizer (`raytune-minicpmv preprocess`)."""
     from raytune_minicpmv.data.sample_data import write_sample_dataset

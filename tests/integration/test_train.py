@@ -16,16 +16,6 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory, ray_session):
     """Tiny model + sample data, preprocessed ONCE to Parquet (each run then streams rows, not records)."""
     from raytune_minicpmv.models import build_tiny
