@@ -5,6 +5,10 @@ PY      ?= python3
 VENV    ?= .venv
 TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
+# Tests import the package from this checkout by path (as spawned DeepSpeed ranks and Ray workers do too), not
+# through the editable install's finder: tests/integration/test_zero3_model.py's spawned ranks got NaN eval logits
+# under the finder alone in a fresh clone (not yet understood; see the issue notes).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 

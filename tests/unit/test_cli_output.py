@@ -153,9 +153,11 @@ def test_quiet_ray_workers(tmp_path):
     script = tmp_path / "quiet.py"
     script.write_text(QUIET_SCRIPT)
     outs = {}
+    # a token or auth mode left in os.environ by an earlier in-process Ray would silence the token notice itself
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     for level in ("INFO", "DEBUG"):
         run = subprocess.run([sys.executable, str(script), level], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+                             env={**env, "RAY_DEDUP_LOGS": "0"})
         assert run.returncode == 0, run.stderr[-3000:]
         outs[level] = run.stdout + run.stderr
     for noise in ("FutureWarning", "Execution plan of Dataset", "Progress bars disabled", "Token authentication"):
