@@ -45,7 +45,7 @@ def main() -> None:
         check_code = ("from raytune_minicpmv.config import load_config; from raytune_minicpmv.cluster.ray_session import "
                       "init_ray, check_storage; import logging; logging.basicConfig(level='INFO'); "
                       f"cfg = load_config(None, ['run.storage_path={c.shared}/runs'], check_paths=False); "
-                      "init_ray(cfg); check_storage(cfg)")
+                      "init_ray(cfg); check_storage(cfg.run)")
         checks, joins = [], []
         for _ in range(args.repeats):
             elapsed, out = _timed_job(c, "python", "-c", check_code)

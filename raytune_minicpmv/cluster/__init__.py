@@ -2,7 +2,7 @@
 
     from raytune_minicpmv.cluster import init_ray, check_storage
     ray = init_ray(cfg)          # idempotent; a local Ray unless an address is configured
-    check_storage(cfg)           # refuses node-local storage on a multi-node cluster
+    check_storage(cfg.run)       # refuses node-local storage on a multi-node cluster
 
 `ray_session.py` (init, address, runtime env, storage check), `jobs.py` (submit / status / logs / stop).
 Every stage may import this package; it imports only `config`.

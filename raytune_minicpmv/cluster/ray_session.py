@@ -3,7 +3,7 @@ cluster when asked.
 
     from raytune_minicpmv.cluster.ray_session import init_ray, check_storage
     ray = init_ray(cfg)        # idempotent
-    check_storage(cfg)         # refuses a node-local run.storage_path on a multi-node cluster
+    check_storage(cfg.run)     # refuses a node-local run.storage_path on a multi-node cluster
 
 Address precedence: `ray.address` in the config, then the `RAY_ADDRESS` environment variable (set by Ray Jobs for
 submitted jobs; an http(s):// RAY_ADDRESS is a dashboard URL for `submit`, not for ray.init, and is skipped), then the
@@ -23,7 +23,7 @@ import time
 import uuid
 
 from . import log_control
-from ..config import Config, ConfigError, is_uri, join_uri
+from ..config import Config, ConfigError, RayConfig, RunConfig, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ def runtime_env_vars(cfg: Config) -> dict[str, str]:
     return env
 
 
-def ray_address(cfg: Config) -> str | None:
+def ray_address(ray_cfg: RayConfig) -> str | None:
     """The cluster to join (see the module docstring), or None for a new local Ray."""
-    if cfg.ray.address:
-        return cfg.ray.address
+    if ray_cfg.address:
+        return ray_cfg.address
     env = os.environ.get("RAY_ADDRESS", "")
     if env and not env.startswith(("http://", "https://")):
         return env
@@ -82,7 +82,7 @@ def init_ray(cfg: Config):
            "worker_process_setup_hook": log_control.WORKER_HOOK}
     # Ray's own driver lines (token-auth notice, ...) only at DEBUG; the dashboard URL is logged below
     quiet = {"logging_level": logging.WARNING} if log_control.is_quiet() else {}
-    address = ray_address(cfg)
+    address = ray_address(cfg.ray)
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True, **quiet)
@@ -129,7 +129,7 @@ def _without_job_env_vars(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_env}
 
 
-def driver_resources(cfg: Config, base: dict[str, float]) -> dict[str, float]:
+def driver_resources(ray_cfg: RayConfig, base: dict[str, float]) -> dict[str, float]:
     """`base` plus one unit of the cluster's driver resource (`ray.driver_resource`) when some node advertises it.
 
     cluster.yaml and the KubeRay manifest give the CPU head `{"trial_driver": 100}`, so Tune trial drivers and the
@@ -138,7 +138,7 @@ def driver_resources(cfg: Config, base: dict[str, float]) -> dict[str, float]:
     """
     import ray
 
-    name = cfg.ray.driver_resource
+    name = ray_cfg.driver_resource
     if not name or name in base or ray.cluster_resources().get(name, 0) < 1:
         return dict(base)
     return {**base, name: 1.0}
@@ -148,10 +148,10 @@ def driver_resources(cfg: Config, base: dict[str, float]) -> dict[str, float]:
 # Shared storage
 
 
-def check_storage(cfg: Config, timeout_s: float = 120.0) -> None:
+def check_storage(run_cfg: RunConfig, timeout_s: float = 120.0) -> None:
     """Fail fast when `run.storage_path` is not visible from every alive node of a multi-node cluster.
 
-    Checkpoints, Tune results, the preprocessed data and the merged model all live under `cfg.run_dir`, and Ray
+    Checkpoints, Tune results, the preprocessed data and the merged model all live under the storage path, and Ray
     Train writes checkpoints from the worker nodes, so a node-local path only fails later, at the first checkpoint.
     How: the driver writes a marker file with a random token under the storage path, then a zero-CPU task pinned to
     each alive node reads it back. Object-store URIs (s3://, gs://, ...) are shared by construction. A single-node
@@ -160,7 +160,7 @@ def check_storage(cfg: Config, timeout_s: float = 120.0) -> None:
     """
     import ray
 
-    path = cfg.run.storage_path
+    path = run_cfg.storage_path
     if path.startswith("file://"):
         path = path[len("file://"):]
     elif is_uri(path):

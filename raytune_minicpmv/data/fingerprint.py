@@ -15,15 +15,14 @@ import hashlib
 import os
 from typing import Optional
 
-from ..config import Config, is_uri
+from ..config import Config, DataConfig, is_uri
 
 VERSION = 1  # bump when the row format changes: old Parquet is then redone
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _SMALL = 64 << 20
 
 
-def inputs_fingerprint(cfg: Config, spec, tokenizer_path: str) -> dict:
-    d = cfg.data
+def inputs_fingerprint(d: DataConfig, spec, tokenizer_path: str) -> dict:
     return {
         "version": VERSION,
         "data": {split: _file_entry(path) for split, path in (("train", d.train_path), ("eval", d.eval_path))
@@ -104,7 +103,7 @@ def stale_preprocessed(cfg: Config) -> Optional[list[str]]:
     with open(report) as f:
         stored = json.load(f).get("fingerprint")
     spec, tokenizer_path = model_side(cfg)
-    return stale_reasons(stored, inputs_fingerprint(cfg, spec, tokenizer_path))
+    return stale_reasons(stored, inputs_fingerprint(cfg.data, spec, tokenizer_path))
 
 
 def _uri_exists(uri: str) -> bool:

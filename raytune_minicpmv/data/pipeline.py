@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from ..config import Config, is_uri, join_uri, resolve_llm_type
+from ..config import Config, DataConfig, is_uri, join_uri, resolve_llm_type
 from .fingerprint import inputs_fingerprint
 from .records import REASONS, BadDataError, BadRecord, RawRecord, read_raw_records, validate_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
@@ -97,7 +97,7 @@ def run_preprocess(cfg: Config) -> dict:
     from ..cluster.ray_session import check_storage, init_ray
 
     init_ray(cfg)
-    check_storage(cfg)  # multi-node: the Parquet output must be visible from every node
+    check_storage(cfg.run)  # multi-node: the Parquet output must be visible from every node
     spec, tokenizer_path = model_side(cfg)
     out = cfg.data_output_path
     done, failed = join_uri(out, "report.json"), join_uri(out, "report.failed.json")
@@ -105,12 +105,12 @@ def run_preprocess(cfg: Config) -> dict:
         _remove_file(stale)
     report = {"output_path": out, "model_spec": spec.__dict__, "tokenizer_path": tokenizer_path,
               "model_max_length": cfg.data.model_max_length, "on_bad_record": cfg.data.on_bad_record, "splits": {},
-              "fingerprint": inputs_fingerprint(cfg, spec, tokenizer_path)}  # before reading: what the rows are of
+              "fingerprint": inputs_fingerprint(cfg.data, spec, tokenizer_path)}  # before reading: what the rows are of
     for split, path in (("train", cfg.data.train_path), ("eval", cfg.data.eval_path)):
         if not path:
             continue
         try:
-            report["splits"][split] = _preprocess_split(cfg, spec, tokenizer_path, split, path, join_uri(out, split))
+            report["splits"][split] = _preprocess_split(cfg.data, spec, tokenizer_path, split, path, join_uri(out, split))
         except SplitError as e:
             report["splits"][split], report["error"] = e.stats, str(e)
             _write_json(failed, report)
@@ -148,8 +148,8 @@ def build_dataset(cfg: Config, split: str = "train"):
     spec, tokenizer_path = model_side(cfg)
     raws, bad = read_and_check(path, cfg.data.on_bad_record)
     skipped = Counter(b.reason for b in bad)
-    _check_usable(split, path, len(raws) + len(bad), len(raws), skipped, cfg)  # only what the driver can see
-    return _map_rows(cfg, spec, tokenizer_path, raws, keep_skipped=False)
+    _check_usable(split, path, len(raws) + len(bad), len(raws), skipped, cfg.data)  # only what the driver can see
+    return _map_rows(cfg.data, spec, tokenizer_path, raws, keep_skipped=False)
 
 
 def preprocess_for_check(model_dir, data_path, index: int = 0, max_length: int = 2048) -> dict:
@@ -187,10 +187,9 @@ def read_and_check(path: str, on_bad_record: str) -> tuple[list[RawRecord], list
     return raws, bad
 
 
-def _map_rows(cfg: Config, spec: ModelSpec, tokenizer_path: str, raws: list[RawRecord], keep_skipped: bool):
+def _map_rows(d: DataConfig, spec: ModelSpec, tokenizer_path: str, raws: list[RawRecord], keep_skipped: bool):
     import ray
 
-    d = cfg.data
     items = [{"source": r.source, "index": r.index, "text": r.text, "error": r.error} for r in raws]
     blocks = max(1, min(len(items) // d.map_batch_size, 512))
     ds = ray.data.from_items(items, override_num_blocks=blocks) if items else ray.data.from_arrow(
@@ -210,9 +209,9 @@ def _map_rows(cfg: Config, spec: ModelSpec, tokenizer_path: str, raws: list[RawR
     return ds
 
 
-def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, split: str, path: str, dest: str) -> dict:
+def _preprocess_split(d: DataConfig, spec: ModelSpec, tokenizer_path: str, split: str, path: str, dest: str) -> dict:
     t0 = time.perf_counter()
-    raws, bad = read_and_check(path, cfg.data.on_bad_record)
+    raws, bad = read_and_check(path, d.on_bad_record)
     log.info("%s: %d records pass the driver checks, %d rejected; preprocessing on Ray Data", path, len(raws),
              len(bad))
     tmp = dest.rstrip("/") + ".tmp"
@@ -220,8 +219,8 @@ def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, split: 
     records_in = len(raws) + len(bad)
     try:
         # what the driver already knows fails before any Ray work (an empty split, or the cap already exceeded)
-        _check_usable(split, path, records_in, len(raws), Counter(b.reason for b in bad), cfg)
-        ds = _map_rows(cfg, spec, tokenizer_path, raws, keep_skipped=True)
+        _check_usable(split, path, records_in, len(raws), Counter(b.reason for b in bad), d)
+        ds = _map_rows(d, spec, tokenizer_path, raws, keep_skipped=True)
         try:
             ds.write_parquet(tmp, ray_remote_args={"num_cpus": SMALL_CPU})
         except Exception as e:  # noqa: BLE001 - surface a BadRecord from inside Ray's wrapper as itself
@@ -230,7 +229,7 @@ def _preprocess_split(cfg: Config, spec: ModelSpec, tokenizer_path: str, split: 
                 raise
             raise bad_record from e
         stats = split_stats(tmp, bad, records_in, time.perf_counter() - t0)
-        _check_usable(split, path, records_in, stats["records_out"], Counter(stats["skipped"]), cfg)
+        _check_usable(split, path, records_in, stats["records_out"], Counter(stats["skipped"]), d)
     except SplitError as e:
         e.stats = split_stats(tmp, bad, records_in, time.perf_counter() - t0)
         _remove(tmp)
@@ -271,7 +270,7 @@ def split_stats(parquet_dir: str, driver_bad: list[BadRecord], records_in: int, 
     }
 
 
-def _check_usable(split: str, path: str, records_in: int, records_out: int, skipped: Counter, cfg: Config) -> None:
+def _check_usable(split: str, path: str, records_in: int, records_out: int, skipped: Counter, d: DataConfig) -> None:
     """A split must keep at least one record, and (skip mode) lose at most data.max_skip_fraction of them."""
     n = sum(skipped.values())
     detail = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
@@ -279,9 +278,9 @@ def _check_usable(split: str, path: str, records_in: int, records_out: int, skip
         why = "the file holds no records" if records_in == 0 else f"all {records_in} records are bad ({detail})"
         raise EmptySplitError(f"data.{split}_path: {path}: the {split} split has no usable record: {why}; fix the "
                               "data (the report lists the skipped records)")
-    if records_in and n / records_in > cfg.data.max_skip_fraction:
+    if records_in and n / records_in > d.max_skip_fraction:
         raise SkipCapError(f"{path}: {n} of {records_in} records skipped ({n / records_in:.1%}) > "
-                           f"data.max_skip_fraction={cfg.data.max_skip_fraction:g} ({detail}); fix the data or "
+                           f"data.max_skip_fraction={d.max_skip_fraction:g} ({detail}); fix the data or "
                            "raise the cap")
 
 

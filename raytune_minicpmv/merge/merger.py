@@ -89,7 +89,7 @@ def run_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
         log.warning("merge: estimated %.1f GiB exceeds the cluster's %.1f GiB of Ray memory; declaring the latter "
                     "(set merge.memory_gb to override)", memory / 2**30, available / 2**30)
         memory = int(available)
-    resources = driver_resources(cfg, {}) if merge_cfg.num_gpus == 0 else {}
+    resources = driver_resources(cfg.ray, {}) if merge_cfg.num_gpus == 0 else {}
     task = ray.remote(_merge_task).options(
         num_cpus=merge_cfg.num_cpus, num_gpus=merge_cfg.num_gpus, memory=memory, resources=resources or None,
         max_retries=2,  # a lost node/worker is retried; the merge restarts cleanly from its temp dir

@@ -3,7 +3,7 @@
     from raytune_minicpmv.train.engine import build_ds_config, build_optimizer, build_lr_scheduler
     ds_cfg = build_ds_config(cfg)                     # dict for deepspeed.initialize / zero.Init (stage 0-3)
     opt = build_optimizer(model, cfg)                 # torch AdamW (fused on CUDA) or DeepSpeedCPUAdam with offload
-    sched = build_lr_scheduler(opt, cfg)              # torch LambdaLR: the schedule the config names
+    sched = build_lr_scheduler(opt, cfg.optim, cfg.train.max_steps)  # torch LambdaLR: the schedule named
 
 What the DeepSpeed config deliberately does NOT contain:
 
@@ -28,18 +28,12 @@ import os
 
 import torch
 
-from ..config import Config
+from ..config import Config, OptimConfig
 
 # Parameters whose name matches one of these (or that are 1-D) get no weight decay: biases, norm weights, and the
 # learned query / position tables, where decay only pulls them towards zero without regularizing anything.
 NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "position_embedding", "query", "pos_embed")
 
-
-
-def torch_dtype(cfg: Config) -> torch.dtype:
-    from ..models.registry import as_torch_dtype
-
-    return as_torch_dtype(cfg.model.dtype)
 
 
 def build_ds_config(cfg: Config) -> dict:
@@ -121,11 +115,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, fused=on_cuda, **kwargs)
 
 
-def warmup_steps(cfg: Config) -> int:
-    o = cfg.optim
+def warmup_steps(o: OptimConfig, max_steps: int) -> int:
     if o.warmup_steps is not None:
         return o.warmup_steps
-    return int(math.ceil(o.warmup_ratio * cfg.train.max_steps))
+    return int(math.ceil(o.warmup_ratio * max_steps))
 
 
 def lr_lambda(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -140,12 +133,13 @@ def lr_lambda(step: int, *, total: int, warmup: int, kind: str, min_ratio: float
     return min_ratio + (1 - min_ratio) * (1.0 - progress)  # linear
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule `optim.scheduler` names, as a torch LambdaLR stepped once per optimizer step."""
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig,
+                       max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule `optim.scheduler` names over `max_steps`, as a torch LambdaLR stepped once per optimizer step."""
     import functools
 
-    fn = functools.partial(lr_lambda, total=cfg.train.max_steps, warmup=warmup_steps(cfg),
-                           kind=cfg.optim.scheduler, min_ratio=cfg.optim.min_lr_ratio)
+    fn = functools.partial(lr_lambda, total=max_steps, warmup=warmup_steps(o, max_steps), kind=o.scheduler,
+                           min_ratio=o.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

@@ -27,7 +27,7 @@ import os
 import time
 from typing import Optional
 
-from ..config import Config, ConfigError, is_uri, join_uri
+from ..config import Config, ConfigError, TrainConfig, is_uri, join_uri
 from .metrics import format_run_report
 from .worker import metrics_jsonl, tensorboard_dir, train_fn_per_worker
 
@@ -47,7 +47,7 @@ def run_train(cfg: Config) -> dict:
     from ..cluster.runlock import run_lock
 
     init_ray(cfg)
-    check_storage(cfg)  # multi-node: storage_path must be visible from every node (before the lock writes to it)
+    check_storage(cfg.run)  # multi-node: storage_path must be visible from every node (before the lock writes to it)
     with run_lock(cfg.run_dir, command="train"):
         return _run_locked(cfg)
 
@@ -165,7 +165,7 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
                                      accelerator_type=sc.accelerator_type if sc.use_gpu else None),
         run_config=RunConfig(
             name=run_name, storage_path=cfg.run.storage_path,
-            checkpoint_config=checkpoint_config(cfg, has_eval="eval" in datasets),
+            checkpoint_config=checkpoint_config(cfg.train, has_eval="eval" in datasets),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": runtime_env_vars(cfg)},
             logging_config=LoggingConfig(log_level=ray_train_log_level()),  # Train's own INFO lines: DEBUG only
@@ -174,16 +174,16 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
     )
 
 
-def checkpoint_config(cfg: Config, has_eval: bool):
+def checkpoint_config(tr: TrainConfig, has_eval: bool):
     """Keep `save_total_limit` checkpoints: the best by eval_loss when every checkpoint is evaluated (save_steps a
     multiple of eval_steps; Tune trials save at every evaluation), else the most recent. Ray always keeps the latest
     too, for resume."""
     from ray.train import CheckpointConfig
 
-    if has_eval and cfg.train.save_steps % cfg.train.eval_steps == 0:
-        return CheckpointConfig(num_to_keep=cfg.train.save_total_limit, checkpoint_score_attribute="eval_loss",
+    if has_eval and tr.save_steps % tr.eval_steps == 0:
+        return CheckpointConfig(num_to_keep=tr.save_total_limit, checkpoint_score_attribute="eval_loss",
                                 checkpoint_score_order="min")
-    return CheckpointConfig(num_to_keep=cfg.train.save_total_limit)
+    return CheckpointConfig(num_to_keep=tr.save_total_limit)
 
 
 def build_datasets(cfg: Config) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import TrainState, load_checkpoint
 from ..config import Config, config_from_dict, is_uri, join_uri
-from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, torch_dtype
+from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list
 from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, peak_flops
 from .progress import Progress, StepReporter, report_to_ray, step_actions
 
@@ -160,6 +160,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
 
     from .engine_plan import local_capacity_bytes, plan_engine
     from ..models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
+    from ..models.registry import as_torch_dtype
     from .profiling import attach_profiler
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
@@ -172,7 +173,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     say(plan.describe())
     cfg = plan.apply(cfg)
     ds_cfg = build_ds_config(cfg)
-    dtype = torch_dtype(cfg)
+    dtype = as_torch_dtype(cfg.model.dtype)
     global _HF_DS_CONFIG
     _HF_DS_CONFIG = None
     if cfg.deepspeed.zero_stage == 3:
@@ -194,7 +195,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     say(f"DeepSpeed initialize (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype}) ...")
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
-        optimizer, cfg), config=ds_cfg)
+        optimizer, cfg.optim, cfg.train.max_steps), config=ds_cfg)
     say(f"DeepSpeed ready in {time.perf_counter() - t0:.1f} s")
     attach_profiler(engine, cfg, rank)  # train.profile_steps > 0 only
     return engine, model

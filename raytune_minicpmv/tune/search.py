@@ -21,9 +21,9 @@ import os
 import time
 from typing import Any
 
-from ..config import Config, ConfigError, join_uri, replace
+from ..config import Config, ConfigError, RunConfig, TuneConfig, join_uri, replace
 from ..cluster.log_control import tune_verbosity
-from .selection import CHECKPOINT_KEY, collect_trials, reports_per_trial, select_best
+from .selection import CHECKPOINT_KEY, collect_trials, full_trial_reports, select_best
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_tune(cfg: Config) -> dict:
 
     cfg = _tune_ready(cfg)
     cluster.init_ray(cfg)
-    cluster.check_storage(cfg)  # multi-node: storage_path must be shared (before the lock writes to it)
+    cluster.check_storage(cfg.run)  # multi-node: storage_path must be shared (before the lock writes to it)
     with run_lock(cfg.run_dir, command="tune"):  # <run_dir> holds the preprocessed data and the merged model
         return _run_locked(cfg)
 
@@ -51,7 +51,7 @@ def _run_locked(cfg: Config) -> dict:
     ray = cluster.init_ray(cfg)  # already started by run_tune: returns the module
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     cfg = _ensure_preprocessed(cfg, reuse_data)
-    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg.run))
     log.info("tune experiment: %s (metric %s/%s, %d concurrent trials)", exp_dir, cfg.tune.metric, cfg.tune.mode,
              concurrency)
 
@@ -143,8 +143,8 @@ def max_concurrent_trials(cfg: Config, cluster_resources: dict) -> int:
     return want
 
 
-def experiment_name(cfg: Config) -> str:
-    return f"{cfg.run.name}-tune"
+def experiment_name(run_cfg: RunConfig) -> str:
+    return f"{run_cfg.name}-tune"
 
 
 def _check_preprocessed(cfg: Config) -> bool:
@@ -157,7 +157,7 @@ def _check_preprocessed(cfg: Config) -> bool:
     reasons = stale_preprocessed(cfg)
     if not reasons:
         return reasons is not None
-    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg.run))
     if os.path.isdir(exp_dir):
         raise ConfigError([f"data: the inputs changed since {cfg.data_output_path} was preprocessed for the search in "
                            f"{exp_dir} ({'; '.join(reasons)}); its trials trained on the old rows. Restore the old "
@@ -183,10 +183,10 @@ def _ensure_preprocessed(cfg: Config, reuse: bool) -> Config:
 # Search space, trial driver, tuner
 
 
-def search_space(cfg: Config) -> dict:
+def search_space(tune_cfg: TuneConfig) -> dict:
     from ray import tune
 
-    s = cfg.tune.search
+    s = tune_cfg.search
     space: dict[str, Any] = {}
     space["lr"] = tune.loguniform(*s.lr) if s.lr_sampler == "loguniform" else tune.grid_search(list(s.lr))
     for name in ("weight_decay", "lora_r", "warmup_ratio"):
@@ -218,7 +218,7 @@ def make_trial_driver(cfg: Config):
 
         base = config_from_dict(cfg_dict, check_paths=False)
         trial_id = tune.get_context().get_trial_id()
-        run_name = f"{experiment_name(base)}-trial-{trial_id}"
+        run_name = f"{experiment_name(base.run)}-trial-{trial_id}"
         trial_cfg = trial_config(base, params)
         plan = prepare_resume(trial_cfg, run_name, check_config=False)  # a restored trial skips damaged checkpoints
         if plan.finished:
@@ -238,7 +238,7 @@ def trial_progress_callbacks(cfg: Config) -> list:
 
     if not want_trial_lines():
         return []
-    return [trial_progress_callback(cfg.tune.metric, cfg.tune.max_t or reports_per_trial(cfg))]
+    return [trial_progress_callback(cfg.tune.metric, full_trial_reports(cfg.tune, cfg.train))]
 
 
 def _build_or_restore_tuner(cfg: Config, concurrency: int):
@@ -248,22 +248,22 @@ def _build_or_restore_tuner(cfg: Config, concurrency: int):
     from ..cluster.ray_session import driver_resources
 
     # trial drivers only wait on their TorchTrainer: a sliver of CPU, on the CPU head where the cluster has one
-    trainable = tune.with_resources(make_trial_driver(cfg), driver_resources(cfg, dict(cfg.tune.driver_resources)))
-    path = join_uri(cfg.run.storage_path, experiment_name(cfg))
+    trainable = tune.with_resources(make_trial_driver(cfg), driver_resources(cfg.ray, dict(cfg.tune.driver_resources)))
+    path = join_uri(cfg.run.storage_path, experiment_name(cfg.run))
     if tune.Tuner.can_restore(path):
         log.info("restoring tune experiment from %s", path)
         return tune.Tuner.restore(path, trainable, resume_errored=True)
     if cfg.tune.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.tune.max_t or reports_per_trial(cfg),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=full_trial_reports(cfg.tune, cfg.train),
                                   grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
-        param_space=search_space(cfg),
+        param_space=search_space(cfg.tune),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     scheduler=scheduler, max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=experiment_name(cfg), storage_path=cfg.run.storage_path,
+        run_config=tune.RunConfig(name=experiment_name(cfg.run), storage_path=cfg.run.storage_path,
                                   failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                                   # Tune's tables only at --log-level DEBUG; one line per trial start/end otherwise
                                   verbose=tune_verbosity(), callbacks=trial_progress_callbacks(cfg)),

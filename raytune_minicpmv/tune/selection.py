@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import Config
+from ..config import Config, TrainConfig, TuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,14 @@ class BestTrial:
     checkpoint_path: str
 
 
-def reports_per_trial(cfg: Config) -> int:
+def reports_per_trial(train_cfg: TrainConfig) -> int:
     """ASHA's time unit is one evaluation report; a full trial makes this many."""
-    return max(1, cfg.train.max_steps // cfg.train.eval_steps)
+    return max(1, train_cfg.max_steps // train_cfg.eval_steps)
+
+
+def full_trial_reports(tune_cfg: TuneConfig, train_cfg: TrainConfig) -> int:
+    """The reports a trial makes when nothing stops it early: `tune.max_t`, else one per evaluation."""
+    return tune_cfg.max_t or reports_per_trial(train_cfg)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class TrialRecord:
 
 
 def collect_trials(results, cfg: Config) -> list[TrialRecord]:
-    full = cfg.tune.max_t or reports_per_trial(cfg)
+    full = full_trial_reports(cfg.tune, cfg.train)
     out = []
     for r in results:
         df = r.metrics_dataframe

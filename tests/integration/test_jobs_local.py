@@ -18,10 +18,10 @@ def test_driver_resources_only_when_the_cluster_has_them(tmp_path):
     ray.init(address="local", num_cpus=1, include_dashboard=False, resources={"trial_driver": 2},
              log_to_driver=False)
     try:
-        assert cluster.driver_resources(cfg, {"CPU": 0.05}) == {"CPU": 0.05, "trial_driver": 1.0}
+        assert cluster.driver_resources(cfg.ray, {"CPU": 0.05}) == {"CPU": 0.05, "trial_driver": 1.0}
         off = load_config(None, ['ray.driver_resource=""'], check_paths=False)
-        assert cluster.driver_resources(off, {"CPU": 0.05}) == {"CPU": 0.05}
-        cluster.check_storage(cfg)  # one node: nothing to compare, passes without writing a marker
+        assert cluster.driver_resources(off.ray, {"CPU": 0.05}) == {"CPU": 0.05}
+        cluster.check_storage(cfg.run)  # one node: nothing to compare, passes without writing a marker
         assert not list(Path(cfg.run.storage_path).glob(".storage_check/*"))
     finally:
         ray.shutdown()

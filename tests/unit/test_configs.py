@@ -72,11 +72,11 @@ def test_recipes_do_not_pin_a_cluster_and_write_to_the_shared_mount(path, monkey
     cfg = load_config(path, check_paths=False)
     for key in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
         monkeypatch.delenv(key, raising=False)
-    assert ray_address(cfg) is None  # a new local Ray
+    assert ray_address(cfg.ray) is None  # a new local Ray
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
-    assert ray_address(cfg) == "auto"  # inside a Ray job: its cluster
+    assert ray_address(cfg.ray) == "auto"  # inside a Ray job: its cluster
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    assert ray_address(cfg) == "10.0.0.5:6379"
+    assert ray_address(cfg.ray) == "10.0.0.5:6379"
     mounts = _cluster_mounts()
     assert mounts, "cluster.yaml mounts shared storage"
     for value in (cfg.run.storage_path, cfg.data.train_path, cfg.data.eval_path, cfg.model.path):
@@ -88,4 +88,4 @@ def test_a_dashboard_url_in_ray_address_is_not_a_cluster_to_join(monkeypatch):
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # exported for `submit`
-    assert ray_address(load_config(None, check_paths=False)) is None
+    assert ray_address(load_config(None, check_paths=False).ray) is None

@@ -9,10 +9,10 @@ def _cfg(save, eval_):
 
 
 def test_best_by_eval_loss_when_every_checkpoint_is_evaluated():
-    c = checkpoint_config(_cfg(200, 100), has_eval=True)
+    c = checkpoint_config(_cfg(200, 100).train, has_eval=True)
     assert (c.num_to_keep, c.checkpoint_score_attribute, c.checkpoint_score_order) == (2, "eval_loss", "min")
 
 
 def test_most_recent_otherwise():
-    assert checkpoint_config(_cfg(150, 100), has_eval=True).checkpoint_score_attribute is None
-    assert checkpoint_config(_cfg(200, 100), has_eval=False).checkpoint_score_attribute is None
+    assert checkpoint_config(_cfg(150, 100).train, has_eval=True).checkpoint_score_attribute is None
+    assert checkpoint_config(_cfg(200, 100).train, has_eval=False).checkpoint_score_attribute is None

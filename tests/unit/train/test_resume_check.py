@@ -202,14 +202,14 @@ def test_fingerprint_detects_a_changed_data_file_and_ignores_a_touch(tmp_path):
     model = Path(__file__).resolve().parents[2] / "assets" / "configs" / "minicpmv26_config"
     spec = model_spec_from_config(str(model), "qwen2", 2)
     cfg = cfg_for(tmp_path, f"data.train_path={data}", "data.eval_path=null")
-    before = inputs_fingerprint(cfg, spec, str(tok))
+    before = inputs_fingerprint(cfg.data, spec, str(tok))
     os.utime(data, (1, 1))
-    assert stale_reasons(before, inputs_fingerprint(cfg, spec, str(tok))) == []
+    assert stale_reasons(before, inputs_fingerprint(cfg.data, spec, str(tok))) == []
     data.write_text(json.dumps([{"id": i} for i in range(4)]))
-    reasons = stale_reasons(before, inputs_fingerprint(cfg, spec, str(tok)))
+    reasons = stale_reasons(before, inputs_fingerprint(cfg.data, spec, str(tok)))
     assert len(reasons) == 1 and reasons[0].startswith("data.train: content changed")
     other = cfg_for(tmp_path, f"data.train_path={data}", "data.eval_path=null", "data.model_max_length=512")
-    assert any("model_max_length" in r for r in stale_reasons(before, inputs_fingerprint(other, spec, str(tok))))
+    assert any("model_max_length" in r for r in stale_reasons(before, inputs_fingerprint(other.data, spec, str(tok))))
     assert stale_reasons(None, before)[0].startswith("the preprocessed data has no input fingerprint")
 
 
@@ -227,12 +227,12 @@ def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(t
     assert _check_preprocessed(cfg) is False  # nothing preprocessed yet
     out = Path(cfg.data_output_path)
     out.mkdir(parents=True)
-    (out / "report.json").write_text(json.dumps({"fingerprint": inputs_fingerprint(cfg, *model_side(cfg))}))
+    (out / "report.json").write_text(json.dumps({"fingerprint": inputs_fingerprint(cfg.data, *model_side(cfg))}))
     assert _check_preprocessed(cfg) is True  # same inputs: reused
 
     data.write_text(json.dumps([{"id": i} for i in range(4)]))  # the 16-record file became a 4-record one
     assert _check_preprocessed(cfg) is False  # no search trained on it yet: redone
-    (tmp_path / experiment_name(cfg)).mkdir()
+    (tmp_path / experiment_name(cfg.run)).mkdir()
     with pytest.raises(ConfigError, match=r"data: the inputs changed .*data.train: content changed"):
         _check_preprocessed(cfg)
 

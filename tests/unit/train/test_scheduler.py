@@ -12,7 +12,7 @@ def lrs(*overrides, steps=None):
     cfg = load_config(None, ["optim.lr=0.5", *overrides], check_paths=False)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=cfg.optim.lr)
-    sched = build_lr_scheduler(opt, cfg)
+    sched = build_lr_scheduler(opt, cfg.optim, cfg.train.max_steps)
     out = []
     for _ in range(steps or cfg.train.max_steps):
         out.append(opt.param_groups[0]["lr"] / 0.5)  # multiplier of the peak lr for the next optimizer step
@@ -38,8 +38,10 @@ def test_linear_and_constant():
 
 
 def test_warmup_ratio_rounds_up_and_warmup_steps_wins():
-    assert warmup_steps(load_config(None, ["train.max_steps=1000", "optim.warmup_ratio=0.01"],
-                                    check_paths=False)) == 10
-    assert warmup_steps(load_config(None, ["train.max_steps=50", "optim.warmup_ratio=0.01"],
-                                    check_paths=False)) == 1
-    assert warmup_steps(load_config(None, ["train.max_steps=50", "optim.warmup_steps=7"], check_paths=False)) == 7
+    def warmup(*overrides):
+        cfg = load_config(None, list(overrides), check_paths=False)
+        return warmup_steps(cfg.optim, cfg.train.max_steps)
+
+    assert warmup("train.max_steps=1000", "optim.warmup_ratio=0.01") == 10
+    assert warmup("train.max_steps=50", "optim.warmup_ratio=0.01") == 1
+    assert warmup("train.max_steps=50", "optim.warmup_steps=7") == 7

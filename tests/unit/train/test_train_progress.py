@@ -44,7 +44,7 @@ def test_tune_trials_checkpoint_at_every_evaluation(max_steps, eval_steps):
     assert _steps(c, True, "save") == evaluated == _steps(c, True, "report")
     from raytune_minicpmv.train.trainer import checkpoint_config
 
-    assert checkpoint_config(c, has_eval=True).checkpoint_score_attribute == "eval_loss"  # the best is kept
+    assert checkpoint_config(c.train, has_eval=True).checkpoint_score_attribute == "eval_loss"  # the best is kept
 
 
 def test_progress_lines_only_on_rank_zero_with_elapsed(capsys):

@@ -61,7 +61,7 @@ def test_concurrency_derived_and_validated():
 
 def test_trial_config_and_space():
     cfg = _cfg(tune={"search": {"lr": [1e-5, 1e-4, 1e-3], "lr_sampler": "grid", "lora_r": [8, 16]}})
-    space = search_space(cfg)
+    space = search_space(cfg.tune)
     assert space["lr"] == {"grid_search": [1e-5, 1e-4, 1e-3]} and space["lora_r"] == {"grid_search": [8, 16]}
     t = trial_config(cfg, {"lr": 3e-4, "lora_r": 16})
     assert t.optim.lr == 3e-4 and t.lora.r == 16 and t.lora.alpha == 16 and cfg.optim.lr != 3e-4
