@@ -213,7 +213,8 @@ def _map_rows(cfg: Config, spec: ModelSpec, tokenizer_path: str, raws: list[RawR
     ds = ray.data.from_items(items, override_num_blocks=blocks) if items else ray.data.from_arrow(
         (ROW_SCHEMA4 if four else ROW_SCHEMA).empty_table())
     if items:
-        ds = ds.map_batches(Preprocessor4 if four else Preprocessor, batch_size=d.map_batch_size, batch_format="pyarrow",
+        ds = ds.map_batches(Preprocessor4 if four else Preprocessor, batch_size=d.map_batch_size,
+                            batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.max_tasks),
                             num_cpus=d.num_cpus_per_task,
                             fn_constructor_kwargs=dict(spec=spec.__dict__, tokenizer_path=tokenizer_path,
