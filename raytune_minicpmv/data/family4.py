@@ -13,14 +13,16 @@ How (every image- and token-level step is transformers' processor; we only choos
    thinking / non-thinking prefix is whatever the model's template writes (Qwen3.5 style: an empty
    ``<think>\\n\\n</think>\\n\\n`` before the last answer).
 3. `processor(text=[rendered], images=...)` expands each ``<|image_pad|>`` into the image's placeholder, slices and
-   packs the pixels, and tokenizes; it also returns the character offsets of each replacement
-   (`return_text_replacement_offsets`) and of each token (`return_offsets_mapping`).
+   packs the pixels, and tokenizes (with `return_offsets_mapping`: each token's characters in the expanded text).
 4. Trainable = tokens that start inside an assistant answer as written (or, when the record wrote a think block
    that the template re-formats, the whole turn body) plus its ``<|im_end|>``; what the template inserts (header,
    empty think block) is context. Labels are pre-shifted: ``labels[t] = input_ids[t+1]`` when t+1 is trainable.
-5. Each image's token span is the span of its replacement string (from the processor's offsets, never found by
-   splitting on "\\n": a slice grid has "\\n" between rows, ms-swift #9364); inside it the crops are counted by
-   their ``<image>`` / ``<slice>`` markers and checked against `target_sizes` (pads = h*w / 16 or / 4).
+5. Each image's token span is parsed from its markers: an image is [``<image_id>``k``</image_id>``] ``<image>``
+   pads ``</image>``, then the ``<slice>`` pads ``</slice>`` crops of its grid, whose rows are joined by a newline
+   token. A newline separates rows of ONE image and never starts another: an image starts only at an ``<image>``
+   token (splitting on "\\n" mistakes rows for images, ms-swift #9364). Every crop's pad count is checked against
+   `target_sizes` (h*w / 16 or / 4), and the crops must add up to the processor's. Works with transformers
+   versions whose processor cannot return replacement offsets.
 6. Truncation as for 2.6 (templates.finish): never inside an image span; images after the cut are dropped with
    their crops (`target_sizes` rows and pixel columns); labels computed before the cut.
 """
@@ -63,6 +65,9 @@ class Processor4Info:
         self.pad, self.image_start, self.image_end = proc.image_token_id, ids(proc.image_start_token), ids(
             proc.image_end_token)
         self.slice_start, self.slice_end = ids(proc.slice_start_token), ids(proc.slice_end_token)
+        self.id_start, self.id_end = ids(proc.image_id_start_token), ids(proc.image_id_end_token)
+        newline = tok.encode("\n", add_special_tokens=False)
+        self.newline = newline[0] if len(newline) == 1 else -1  # the separator between a grid's rows
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.patch_size = int(proc.image_processor.patch_size)
 
@@ -134,21 +139,28 @@ def encode_record4(record: Record, images: list, info: Processor4Info, max_lengt
     text = info.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     spans = assistant_spans(text, messages)
     out = info.proc(text=[text], images=images or None, padding=False, return_tensors="np",
-                    return_offsets_mapping=True, return_text_replacement_offsets=bool(images))
+                    return_offsets_mapping=True)
     ids = np.asarray(out["input_ids"][0], dtype=np.int64)
-    starts = np.asarray(out["offset_mapping"][0], dtype=np.int64).reshape(-1, 2)[:, 0]
-    repl = sorted(out["text_replacement_offsets"][0], key=lambda r: r["span"][0]) if images else []
-    if len(repl) != len(images):
-        raise ValueError(f"the rendered text holds {len(repl)} image placeholders for {len(images)} images")
+    offsets = np.asarray(out["offset_mapping"][0], dtype=np.int64).reshape(-1, 2)
+    starts = offsets[:, 0]
+    target_sizes = np.asarray(out["target_sizes"], dtype=np.int32).reshape(-1, 2) if images else np.zeros(
+        (0, 2), np.int32)
+    image_spans, crops, bounds = _image_structure(ids, target_sizes, info)
+    # each image's <|image_pad|> in the rendered text (records cannot contain one: a control token) and the
+    # characters its expansion took in the processor's text
+    pad = info.proc.image_token
+    at = [m.start() for m in re.finditer(re.escape(pad), text)]
+    if len(at) != len(images) or len(image_spans) != len(images):
+        raise ValueError(f"{len(images)} images, but {len(at)} placeholders in the rendered text and "
+                         f"{len(image_spans)} image placeholders in the tokens")
+    repl = [{"span": (p, p + len(pad)), "new_span": (int(offsets[s][0]), int(offsets[e - 1][1]))}
+            for p, (s, e) in zip(at, image_spans)]
     trainable = np.zeros(len(ids), dtype=bool)
     for s, e in spans:  # rendered-text spans -> expanded-text spans (shifted by the replacements before them)
         s2, e2 = _expanded(s, repl), _expanded(e, repl)
         trainable |= (starts >= s2) & (starts < e2)
     labels = np.full(len(ids), -100, dtype=np.int64)
     labels[:-1] = np.where(trainable[1:], ids[1:], -100)
-    target_sizes = np.asarray(out["target_sizes"], dtype=np.int32).reshape(-1, 2) if images else np.zeros(
-        (0, 2), np.int32)
-    image_spans, crops, bounds = _image_structure(ids, starts, repl, target_sizes, info)
     mm = np.asarray(out["mm_token_type_ids"][0], dtype=np.int32) if "mm_token_type_ids" in out else None
     pixels = np.asarray(out["pixel_values"][0], dtype=np.float32) if images else np.zeros(
         (3, info.patch_size, 0), np.float32)
@@ -174,26 +186,43 @@ def _expanded(pos: int, repl: list[dict]) -> int:
     return pos + shift
 
 
-def _image_structure(ids, starts, repl, target_sizes, info: Processor4Info):
-    """Token span of each image's placeholder, crops per image and each crop's pad span, checked structurally."""
+def _image_structure(ids: np.ndarray, target_sizes: np.ndarray, info: Processor4Info):
+    """[start, end) token span of each image's placeholder, its crop count and each crop's pad span (see 5.)."""
     image_spans, crops, bounds = [], [], []
-    c = 0
-    for k, r in enumerate(repl):
-        ts, te = (int(np.searchsorted(starts, x, side="left")) for x in r["new_span"])
-        seg = ids[ts:te]
-        opens = np.flatnonzero((seg == info.image_start) | (seg == info.slice_start))
-        closes = np.flatnonzero((seg == info.image_end) | (seg == info.slice_end))
-        if len(opens) == 0 or seg[opens[0]] != info.image_start or len(opens) != len(closes):
-            raise ValueError(f"image {k}: its placeholder tokens are malformed (markers do not pair up)")
-        for o, e in zip(opens, closes):
-            h, w = target_sizes[c]
-            if e <= o or np.any(seg[o + 1:e] != info.pad) or e - o - 1 != h * w // info.divisor:
-                raise ValueError(f"image {k}: crop {c} has {e - o - 1} pad tokens, target size {h}x{w} needs "
-                                 f"{h * w // info.divisor}")
-            bounds.append((ts + o + 1, ts + e))
-            c += 1
-        image_spans.append((ts, te))
-        crops.append(len(opens))
+    c, n = 0, len(ids)
+
+    def crop(o: int, close: int) -> int:  # one crop: opener at o, its pads, closer; returns the index after it
+        nonlocal c
+        e = o + 1
+        while e < n and ids[e] == info.pad:
+            e += 1
+        if e >= n or ids[e] != close or c >= len(target_sizes):
+            raise ValueError(f"crop {c}: its placeholder is malformed (no closing marker after the pad tokens)")
+        h, w = target_sizes[c]
+        if e - o - 1 != h * w // info.divisor:
+            raise ValueError(f"crop {c} has {e - o - 1} pad tokens, its target size {h}x{w} needs "
+                             f"{h * w // info.divisor}")
+        bounds.append((o + 1, e))
+        c += 1
+        return e + 1
+
+    for s in np.flatnonzero(ids == info.image_start):
+        start = int(s)
+        if start >= 2 and ids[start - 1] == info.id_end:  # <image_id>k</image_id> belongs to the image
+            k = start - 2
+            while k > 0 and ids[k] != info.id_start and start - k < 8:
+                k -= 1
+            start = k if ids[k] == info.id_start else start
+        e, first = crop(int(s), info.image_end), c - 1
+        while True:  # the grid's slices: <slice>..</slice> directly, or after the newline between two rows
+            if e < n and ids[e] == info.slice_start:
+                e = crop(e, info.slice_end)
+            elif e + 1 < n and ids[e] == info.newline and ids[e + 1] == info.slice_start and c - 1 > first:
+                e = crop(e + 1, info.slice_end)
+            else:
+                break
+        image_spans.append((start, e))
+        crops.append(c - first)
     if c != len(target_sizes):
         raise ValueError(f"the placeholders hold {c} crops but the processor returned {len(target_sizes)}")
     return image_spans, crops, np.asarray(bounds, dtype=np.int64).reshape(-1, 2)

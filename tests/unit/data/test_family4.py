@@ -188,3 +188,16 @@ def test_text_only_batch_has_no_pixel_inputs(env):
     ref = _reference(info.proc, [_by_hand({"wide": None, "big": None, "odd": None, "small": None})[2]])
     assert set(model_inputs4(batch)) == set(ref) == {"input_ids", "attention_mask", "mm_token_type_ids"}
     assert torch.equal(batch["input_ids"], ref["input_ids"])
+
+
+def test_think_block_reformatted_by_the_template_is_trained_as_the_records(env):
+    # the template rewrites a written think block (adds its newlines) in the last answer and drops it from earlier
+    # ones: the turn's whole body is the record's text, never the template's empty block for unwritten thinking
+    record = {"id": "think", "conversations": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>First."},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>why</think>Second."}]}
+    info, table = _ours(env, ("minicpmv4_6", "16x"), [record])
+    ids, labels = (np.asarray(table.column(c)[0].as_py()) for c in ("input_ids", "labels"))
+    assert info.tokenizer.decode(labels[labels != -100]) == (
+        "First.<|im_end|><think>\nwhy\n</think>\n\nSecond.<|im_end|>")
+    assert "<think>x" not in info.tokenizer.decode(ids)  # the earlier reasoning is not in the input at all
