@@ -201,3 +201,27 @@ def test_think_block_reformatted_by_the_template_is_trained_as_the_records(env):
     assert info.tokenizer.decode(labels[labels != -100]) == (
         "First.<|im_end|><think>\nwhy\n</think>\n\nSecond.<|im_end|>")
     assert "<think>x" not in info.tokenizer.decode(ids)  # the earlier reasoning is not in the input at all
+
+
+def test_model_side_and_fingerprint_of_a_46_run(env, tmp_path):
+    from raytune_minicpmv.config import config_from_dict
+    from raytune_minicpmv.data.family4 import Spec4
+    from raytune_minicpmv.data.fingerprint import inputs_fingerprint, stale_reasons
+    from raytune_minicpmv.data.pipeline import model_side
+
+    root, dirs, _ = env
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in dirs["minicpmv4_6", "16x"].iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "train.json").write_text("[]")
+    cfg = config_from_dict({"data": {"train_path": str(tmp_path / "train.json"), "max_slice_nums": 4,
+                                     "tokenizer_path": str(root / "tok")},
+                            "model": {"path": str(ckpt), "downsample_mode": "4x"}})
+    spec, tok_path = model_side(cfg)  # model.family stays the default: the checkpoint's model_type decides
+    assert spec == Spec4("minicpmv4_6", str(ckpt), "4x", 4) and tok_path == str(root / "tok")
+    before = inputs_fingerprint(cfg, spec, tok_path)
+    (ckpt / "processor_config.json").write_text((ckpt / "processor_config.json").read_text().replace(
+        '"max_slice_nums": 9', '"max_slice_nums": 2'))
+    assert stale_reasons(before, inputs_fingerprint(cfg, spec, tok_path)) == [
+        "tokenizer files changed: model.path/processor_config.json"]
