@@ -108,10 +108,20 @@ def _reference_image_processor():
     return MiniCPMV4_6ImageProcessorPil()
 
 
-def decode_pixels(u8: np.ndarray) -> np.ndarray:
-    """uint8 [3, p, N] -> float32 with the image processor's own rescale and normalize (default 1/255, 0.5/0.5)."""
+@lru_cache(maxsize=1)
+def _decode_table() -> np.ndarray:
+    # rescale and normalize act on each value alone (per channel), so the image processor's own functions applied
+    # once to the 256 values of each channel give, by lookup, exactly what they give on a whole image
     ip = _reference_image_processor()
-    return np.asarray(ip.normalize(ip.rescale(u8, ip.rescale_factor), ip.image_mean, ip.image_std), np.float32)
+    ramp = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256)))
+    return np.asarray(ip.normalize(ip.rescale(ramp, ip.rescale_factor), ip.image_mean, ip.image_std),
+                      np.float32)[:, 0, :]
+
+
+def decode_pixels(u8: np.ndarray) -> np.ndarray:
+    """uint8 [3, p, N] -> float32 = the image processor's rescale + normalize (default 1/255, 0.5/0.5)."""
+    table = _decode_table()
+    return np.stack([table[c][u8[c]] for c in range(u8.shape[0])])
 
 
 def encode_pixels(pixels: np.ndarray) -> tuple[bytes, str]:
@@ -119,9 +129,10 @@ def encode_pixels(pixels: np.ndarray) -> tuple[bytes, str]:
     if pixels.size == 0:
         return b"", "uint8"
     ip = _reference_image_processor()
-    mean = np.asarray(ip.image_mean, np.float64).reshape(-1, 1, 1)
-    std = np.asarray(ip.image_std, np.float64).reshape(-1, 1, 1)
-    u8 = np.rint((pixels.astype(np.float64) * std + mean) / ip.rescale_factor).clip(0, 255).astype(np.uint8)
+    # the inverse in float32, in place (a third of the row's time in float64); any rounding slip shows in the check
+    x = pixels * (np.asarray(ip.image_std, np.float32) / np.float32(ip.rescale_factor)).reshape(-1, 1, 1)
+    x += (np.asarray(ip.image_mean, np.float32) / np.float32(ip.rescale_factor)).reshape(-1, 1, 1)
+    u8 = np.clip(np.rint(x, out=x), 0, 255, out=x).astype(np.uint8)
     if np.array_equal(decode_pixels(u8), pixels):
         return u8.tobytes(), "uint8"
     return np.ascontiguousarray(pixels, np.float32).tobytes(), "float32"
