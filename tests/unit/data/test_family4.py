@@ -141,16 +141,19 @@ def test_labels_are_the_written_answers(env):
     assert first.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nA red circle.<|im_end|>\n")
 
 
-def test_truncation_before_a_later_image(env):
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_truncation_before_a_later_image(env, family):
     root, dirs, images = env
     record = _records(root)[1]
-    info, full = _ours(env, ("minicpmv4_6", "16x"), _records(root))
+    info, full = _ours(env, (family, "16x"), _records(root))
     full = full.slice(1, 1)
     ids = np.asarray(full.column("input_ids")[0].as_py())
     second = int(np.flatnonzero(ids == info.tokenizer.convert_tokens_to_ids("<image_id>"))[1])
-    _, cut = _ours(env, ("minicpmv4_6", "16x"), [record], max_length=second + 5)  # inside image 2's placeholder
+    _, cut = _ours(env, (family, "16x"), [record], max_length=second + 5)  # inside image 2's placeholder
     row = table_to_numpy(cut)
     assert np.array_equal(row["input_ids"][0], ids[:second])  # the cut moved back to the placeholder's start
+    if family == "minicpmv4_7":  # the position inputs are cut with the tokens
+        assert np.array_equal(row["mm_token_type_ids"][0], (ids[:second] == info.pad).astype(np.int32))
     assert row["crops_per_image"][0] == full.column("crops_per_image")[0].as_py()[:1] and row["num_images"][0] == 1
     batch = collate(row)
     only_first = info.proc(text=["<|image_pad|>"], images=[images["big"]])  # image 1's pixels, alone
@@ -158,6 +161,24 @@ def test_truncation_before_a_later_image(env):
     assert torch.equal(batch["target_sizes"], only_first["target_sizes"])
     trained = info.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
     assert trained == "A grid.<|im_end|>"  # the first answer is kept; the second went with its image
+
+
+def test_tiny_and_extreme_aspect_images_equal_processor(env, tmp_path):
+    root, dirs, _ = env
+    sizes = {"dot": (1, 1), "strip": (40, 4000)}  # (H, W): upscaled to one crop; one long crop
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.full((h, w, 3), 200, np.uint8)).save(tmp_path / f"{name}.png")
+    record = {"id": "x", "image": {"<image_00>": str(tmp_path / "dot.png"), "<image_01>": str(tmp_path / "strip.png")},
+              "conversations": [{"role": "user", "content": "<image_00><image_01>Which?"},
+                                {"role": "assistant", "content": "Both."}]}
+    info, table = _ours(env, ("minicpmv4_7", "16x"), [record])
+    batch = collate(table_to_numpy(table))
+    ims = [Image.open(tmp_path / f"{n}.png").convert("RGB") for n in sizes]
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which?"}]},
+            {"role": "assistant", "content": "Both."}]
+    ref = _reference(info.proc, [(conv, ims)])
+    for name in ref:
+        assert torch.equal(batch[name], ref[name]), name
 
 
 def test_bad_records(env):
@@ -169,6 +190,13 @@ def test_bad_records(env):
                                           {"role": "assistant", "content": "c"}]}
     with pytest.raises(BadRecord, match="reserved_marker"):
         _ours(env, ("minicpmv4_6", "16x"), [pad])
+    # skip mode: a tombstone row in place, the others intact
+    info = Processor4Info(load_processor4(env[1]["minicpmv4_6", "16x"]))
+    good = _records(root)[2]
+    rows = preprocess_records4(_raws(root, [pad, good]), info, "minicpmv4_6", 2048, on_bad_record="skip")
+    table = rows_to_table4(rows)
+    assert table.column("skip_reason").to_pylist() == ["reserved_marker", ""]
+    assert table.column("num_tokens").to_pylist()[0] == 0 and table.column("id").to_pylist() == ["pad", "text"]
 
 
 def test_rows_survive_parquet_as_uint8(env, tmp_path):
