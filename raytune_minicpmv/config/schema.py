@@ -64,6 +64,7 @@ class ModelConfig:
     # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    downsample_mode: Literal["16x", "4x"] = "16x"  # 4.6/4.7: visual tokens = patches/16 or /4 (processor + model)
 
 
 @dataclass(frozen=True)

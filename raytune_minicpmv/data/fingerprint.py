@@ -28,7 +28,7 @@ def inputs_fingerprint(d: DataConfig, spec, tokenizer_path: str) -> dict:
         "data": {split: _file_entry(path) for split, path in (("train", d.train_path), ("eval", d.eval_path))
                  if path},
         "model_spec": dict(spec.__dict__),
-        "tokenizer": _dir_hashes(tokenizer_path),
+        "tokenizer": _dir_hashes(tokenizer_path) | _processor_hashes(spec, tokenizer_path),
         "settings": {"model_max_length": d.model_max_length, "max_slice_nums": d.max_slice_nums,
                      "on_bad_record": d.on_bad_record, "max_skip_fraction": d.max_skip_fraction,
                      "llm_type": d.llm_type},
@@ -60,6 +60,14 @@ def stale_reasons(stored: Optional[dict], current: dict) -> list[str]:
         if stored.get("settings", {}).get(key) != value:
             reasons.append(f"data.{key}: {stored.get('settings', {}).get(key)!r} -> {value!r}")
     return reasons
+
+
+def _processor_hashes(spec, tokenizer_path: str) -> dict:
+    # 4.6/4.7 (data.family4.Spec4): the processor configs and chat template come from model.path
+    model_path = getattr(spec, "model_path", None)
+    if not model_path or os.path.abspath(model_path) == os.path.abspath(tokenizer_path):
+        return {}
+    return {f"model.path/{k}": v for k, v in _dir_hashes(model_path).items()}
 
 
 def _file_entry(path: str) -> dict:

@@ -29,9 +29,12 @@ import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ..config import Config, DataConfig, is_uri, join_uri, resolve_llm_type
+from .family4 import Spec4
 from .fingerprint import inputs_fingerprint
+from .pipeline4 import Preprocessor4, model_side4
 from .records import REASONS, BadDataError, BadRecord, RawRecord, read_raw_records, validate_records
 from .rows import ROW_SCHEMA, collate_rows, preprocess_records, rows_to_table, table_to_numpy
+from .rows4 import ROW_SCHEMA4
 from .templates import ModelSpec, TokenizerInfo, model_spec_from_config
 
 log = logging.getLogger(__name__)
@@ -110,7 +113,8 @@ def run_preprocess(cfg: Config) -> dict:
         if not path:
             continue
         try:
-            report["splits"][split] = _preprocess_split(cfg.data, spec, tokenizer_path, split, path, join_uri(out, split))
+            report["splits"][split] = _preprocess_split(cfg.data, spec, tokenizer_path, split, path,
+                                                        join_uri(out, split))
         except SplitError as e:
             report["splits"][split], report["error"] = e.stats, str(e)
             _write_json(failed, report)
@@ -154,10 +158,18 @@ def build_dataset(cfg: Config, split: str = "train"):
 
 def preprocess_for_check(model_dir, data_path, index: int = 0, max_length: int = 2048) -> dict:
     """One record of a data file as a collated model batch, without Ray (merge verification, demo checks)."""
+    from ..models.processor4 import family4_of
     from ..models.registry import get_family
 
-    spec = model_spec_from_config(model_dir, get_family(model_dir).llm_type)
     raw = list(read_raw_records(data_path))[index]
+    if family4_of(model_dir):  # 4.6/4.7: transformers' processor with the checkpoint's own settings
+        from .rows4 import preprocess_records4, rows_to_table4
+
+        spec4 = Spec4(family=family4_of(model_dir), model_path=str(model_dir), downsample_mode=None,
+                      max_slice_nums=None)  # the checkpoint's own processor settings
+        rows4 = preprocess_records4([raw], spec4.load(), spec4.family, max_length, "error")
+        return collate_rows(table_to_numpy(rows_to_table4(rows4)))
+    spec = model_spec_from_config(model_dir, get_family(model_dir).llm_type)
     rows = preprocess_records([raw], spec, TokenizerInfo.load(model_dir), max_length, "error")
     return collate_rows(table_to_numpy(rows_to_table(rows, spec.patch_size)))
 
@@ -166,8 +178,13 @@ def preprocess_for_check(model_dir, data_path, index: int = 0, max_length: int =
 # Steps
 
 
-def model_side(cfg: Config) -> tuple[ModelSpec, str]:
-    """ModelSpec from model.path's config.json (data.max_slice_nums overrides) and the tokenizer directory."""
+def model_side(cfg: Config) -> tuple[ModelSpec | Spec4, str]:
+    """ModelSpec from model.path's config.json (data.max_slice_nums overrides) and the tokenizer directory.
+
+    4.6/4.7 (pipeline4.family4): a Spec4 instead; its rows come from transformers' processor (docs/DATA.md)."""
+    spec4 = model_side4(cfg)
+    if spec4 is not None:
+        return spec4, cfg.data.tokenizer_path or cfg.model.path
     spec = model_spec_from_config(cfg.model.path, resolve_llm_type(cfg), cfg.data.max_slice_nums)
     return spec, cfg.data.tokenizer_path or cfg.model.path
 
@@ -192,10 +209,12 @@ def _map_rows(d: DataConfig, spec: ModelSpec, tokenizer_path: str, raws: list[Ra
 
     items = [{"source": r.source, "index": r.index, "text": r.text, "error": r.error} for r in raws]
     blocks = max(1, min(len(items) // d.map_batch_size, 512))
+    four = isinstance(spec, Spec4)
     ds = ray.data.from_items(items, override_num_blocks=blocks) if items else ray.data.from_arrow(
-        ROW_SCHEMA.empty_table())
+        (ROW_SCHEMA4 if four else ROW_SCHEMA).empty_table())
     if items:
-        ds = ds.map_batches(Preprocessor, batch_size=d.map_batch_size, batch_format="pyarrow",
+        ds = ds.map_batches(Preprocessor4 if four else Preprocessor, batch_size=d.map_batch_size,
+                            batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.max_tasks),
                             num_cpus=d.num_cpus_per_task,
                             fn_constructor_kwargs=dict(spec=spec.__dict__, tokenizer_path=tokenizer_path,

@@ -195,6 +195,10 @@ def collate_rows(batch: dict) -> dict:
     """Rows (numpy columns) -> the model batch dict of docs/ARCHITECTURE.md (right padding, labels -100)."""
     import torch
 
+    from .rows4 import collate_rows4, is_family4_batch
+
+    if is_family4_batch(batch):  # 4.6/4.7 rows: the processor's batch (rows4.py)
+        return collate_rows4(batch)
     if any(r for r in batch.get("skip_reason", [])):
         raise ValueError("collate got a skipped (tombstone) row; read preprocessed data with build_dataset()")
     seqs = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]

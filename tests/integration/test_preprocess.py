@@ -133,3 +133,30 @@ def test_a_split_without_usable_records_fails_clearly_and_leaves_a_report(local_
     failed = json.loads(open(os.path.join(cfg.data_output_path, "report.failed.json")).read())
     assert failed["splits"]["train"]["skipped"] == {"image_missing": 1, "image_unreadable": 1}
     assert not os.path.exists(os.path.join(cfg.data_output_path, "train"))  # nothing moved into place
+
+
+def test_preprocess_minicpmv46_rows_are_the_processors(local_ray, inputs):
+    """4.6 through run_preprocess on Ray Data: the Parquet rows equal the in-process processor rows, and
+    model.downsample_mode reaches the processor inside the actors."""
+    from raytune_minicpmv.data.family4 import Spec4
+    from raytune_minicpmv.data.rows4 import preprocess_records4
+    from raytune_minicpmv.models.tiny_processor4 import write_processor_files
+
+    root, _, train, _ = inputs
+    ckpt = write_processor_files(root / "ckpt46", "minicpmv4_6")  # the data stage reads no weights
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "minicpmv4_6"}))
+    cfg = replace(_cfg(root, ckpt, train, "v46", max_slice_nums=4), model={"downsample_mode": "4x"})
+    report = run_preprocess(cfg)
+    tr = report["splits"]["train"]
+    assert (tr["records_in"], tr["records_out"], tr["skipped"]) == (20, 20, {})
+    assert report["model_spec"]["family"] == "minicpmv4_6" and report["model_spec"]["downsample_mode"] == "4x"
+    rows = {r["id"]: r for r in build_dataset(replace(cfg, data={"preprocessed": True}), "train").take_all()}
+    info = Spec4("minicpmv4_6", str(ckpt), "4x", 4).load()
+    for d in preprocess_records4(list(read_raw_records(train)), info, "minicpmv4_6", 2048):
+        assert np.array_equal(rows[d.id]["input_ids"], d.input_ids) and rows[d.id]["pixel_values"] == d.pixels
+        assert np.array_equal(rows[d.id]["labels"], d.labels) and rows[d.id]["family"] == "minicpmv4_6"
+    ds = build_dataset(replace(cfg, data={"preprocessed": True}), "train")
+    batch = next(iter(ds.iter_torch_batches(batch_size=4, collate_fn=collate)))
+    ts = batch["target_sizes"]
+    assert tuple(batch["pixel_values"].shape) == (1, 3, 14, int(ts.prod(1).sum()) * 14)
+    assert int((batch["input_ids"] == info.pad).sum()) == int(ts.prod(1).sum()) // 4  # 4x: patches / 4
