@@ -1,6 +1,6 @@
 """What preprocessed Parquet was made from, so a rerun never trains on rows of other inputs.
 
-    fp = inputs_fingerprint(cfg, spec, tokenizer_path)    # stored in <data_output_path>/report.json
+    fp = inputs_fingerprint(cfg.data, spec, tokenizer_path)  # stored in <data_output_path>/report.json
     reasons = stale_reasons(report.get("fingerprint"), fp) # [] when the stored rows still match the inputs
 
 The fingerprint covers every input of a row: each data file (path, size, SHA-256 of its content — content, not

@@ -248,8 +248,8 @@ def test_model_side_and_fingerprint_of_a_46_run(env, tmp_path):
                             "model": {"path": str(ckpt), "downsample_mode": "4x"}})
     spec, tok_path = model_side(cfg)  # model.family stays the default: the checkpoint's model_type decides
     assert spec == Spec4("minicpmv4_6", str(ckpt), "4x", 4) and tok_path == str(root / "tok")
-    before = inputs_fingerprint(cfg, spec, tok_path)
+    before = inputs_fingerprint(cfg.data, spec, tok_path)
     (ckpt / "processor_config.json").write_text((ckpt / "processor_config.json").read_text().replace(
         '"max_slice_nums": 9', '"max_slice_nums": 2'))
-    assert stale_reasons(before, inputs_fingerprint(cfg, spec, tok_path)) == [
+    assert stale_reasons(before, inputs_fingerprint(cfg.data, spec, tok_path)) == [
         "tokenizer files changed: model.path/processor_config.json"]
