@@ -45,7 +45,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 PEAK = 989e12
-LINE = re.compile(r"step (\d+) \| loss")
+LINE = re.compile(r"step (\d+)(?:/\d+)? \| loss")  # "step 5/25 | loss ..." (progress.format_log_line)
 
 # name -> (overrides, max_steps). Steps: long enough for a >= 15 s measured window after the first 5 steps.
 SETTINGS = {

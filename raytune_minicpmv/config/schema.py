@@ -68,8 +68,9 @@ class ModelConfig:
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # the LLM's attention over packed rows (data.packing): sdpa (block-diagonal causal mask; the exact CPU path),
-    # flex (FlexAttention document mask, GPU), varlen (torch varlen_attn, GPU); docs/TRAINING.md "Packing"
-    packed_attention: Literal["sdpa", "flex", "varlen"] = "sdpa"
+    # flex (FlexAttention document mask, GPU), varlen (torch varlen_attn, GPU), auto: varlen on GPUs in bf16/fp16
+    # (measured fastest, docs/PERFORMANCE.md), else sdpa; docs/TRAINING.md "Packing"
+    packed_attention: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
 
 
 @dataclass(frozen=True)

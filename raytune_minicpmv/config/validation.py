@@ -181,8 +181,10 @@ def _batching_problems(cfg: Config) -> list[str]:
         if budget is None:
             p.append("data.packing: needs train.max_tokens_per_batch (the length of a packed row), e.g. 8192")
         p += packing_problems(cfg.model.family)
-    if cfg.model.packed_attention != "sdpa" and not cfg.scaling.use_gpu:
-        p.append(f"model.packed_attention: {cfg.model.packed_attention} runs on GPUs only; use sdpa on CPU")
+    if cfg.model.packed_attention in ("flex", "varlen") and not cfg.scaling.use_gpu:
+        p.append(f"model.packed_attention: {cfg.model.packed_attention} runs on GPUs only; use sdpa or auto on CPU")
+    if cfg.model.packed_attention == "varlen" and cfg.model.dtype == "fp32":
+        p.append("model.packed_attention: varlen runs in bf16/fp16 only; use sdpa or auto with model.dtype=fp32")
     return p
 
 

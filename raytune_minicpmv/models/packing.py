@@ -1,7 +1,8 @@
 """Packed rows in the LLM: which families may train on them, and the attention backends over them.
 
     why = packing_refusal("minicpmv2_6")          # None: supported; else the reason (config validation shows it)
-    use_packed_attention(model, "varlen")         # the LLM's attention for packed batches (sdpa | flex | varlen)
+    backend = resolve_packed_attention("auto", on_gpu=True, dtype=torch.bfloat16)   # -> "varlen"
+    use_packed_attention(model, backend)          # the LLM's attention for packed batches (sdpa | flex | varlen)
     out = model.llm(inputs_embeds=..., position_ids=..., **packed_llm_kwargs(batch))
 
 A packed row holds several samples back to back; `position_ids` restart at 0 for every sample. transformers'
@@ -42,6 +43,15 @@ def packing_refusal(family: str) -> Optional[str]:
     if fam.blocked:
         return "it loads through its remote code, which knows no packed rows"
     return fam.no_packing
+
+
+def resolve_packed_attention(choice: str, on_gpu: bool, dtype: torch.dtype) -> str:
+    """`model.packed_attention` for this process: `auto` is varlen on a CUDA device in bf16/fp16 (fastest of the
+    three on the H200, docs/PERFORMANCE.md "Packing"), else sdpa (exact everywhere, the CPU path)."""
+    if choice != "auto":
+        return choice
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "varlen" if on_gpu and torch.cuda.is_available() and half else "sdpa"
 
 
 def use_packed_attention(model: torch.nn.Module, backend: str) -> None:
@@ -97,5 +107,5 @@ def _register_varlen() -> None:
     AttentionInterface.register(VARLEN, varlen_attention_forward)
 
 
-__all__ = ["BACKENDS", "VARLEN", "packing_refusal", "use_packed_attention", "packed_llm_kwargs",
+__all__ = ["BACKENDS", "VARLEN", "packing_refusal", "resolve_packed_attention", "use_packed_attention", "packed_llm_kwargs",
            "varlen_attention_forward"]

@@ -189,9 +189,11 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     t0 = time.perf_counter()
     model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
     if cfg.data.packing:  # the LLM's attention over packed rows (model.packed_attention)
-        from ..models.packing import use_packed_attention
+        from ..models.packing import resolve_packed_attention, use_packed_attention
 
-        use_packed_attention(model, cfg.model.packed_attention)
+        backend = resolve_packed_attention(cfg.model.packed_attention, cfg.scaling.use_gpu, dtype)
+        say(f"packed rows: LLM attention {backend} (model.packed_attention={cfg.model.packed_attention})")
+        use_packed_attention(model, backend)
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)

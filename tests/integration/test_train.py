@@ -156,7 +156,8 @@ def test_packed_rows_through_ray_train_give_the_unpacked_first_loss(inputs, lora
     report = json.loads((Path(inputs["data.output_path"]) / "report.json").read_text())["splits"]["train"]
     budget = max(1024, report["tokens"]["total"])
     cfg = config(inputs, "packed", "data.packing=true", f"train.max_tokens_per_batch={budget}",
-                 "train.micro_batch_size=1", "train.max_steps=2", "train.logging_steps=1", "train.eval_steps=2",
+                 "train.micro_batch_size=1", "train.max_steps=2", "optim.warmup_steps=0", "train.logging_steps=1",
+                 "train.eval_steps=2",
                  "train.save_steps=2")
     s = run_train(cfg)
     assert s["error"] is None and s["steps"] == 2

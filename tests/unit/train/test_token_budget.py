@@ -38,6 +38,16 @@ def test_a_budget_at_the_longest_sample_and_packing_load():
     assert (cfg.train.max_tokens_per_batch, cfg.data.packing, cfg.model.packed_attention) == (2048, True, "flex")
 
 
+def test_auto_packed_attention_is_sdpa_off_cuda_and_fp32():
+    from raytune_minicpmv.models.packing import resolve_packed_attention
+
+    assert resolve_packed_attention("auto", on_gpu=False, dtype=torch.bfloat16) == "sdpa"
+    assert resolve_packed_attention("auto", on_gpu=True, dtype=torch.float32) == "sdpa"
+    assert resolve_packed_attention("flex", on_gpu=True, dtype=torch.float32) == "flex"
+    assert problems("model.packed_attention=varlen", "model.dtype=fp32") == [
+        "model.packed_attention: varlen runs in bf16/fp16 only; use sdpa or auto with model.dtype=fp32"]
+
+
 def test_one_function_decides_which_families_pack(monkeypatch):
     assert packing_refusal("minicpmv2_6") is None and packing_refusal("minicpmv2_5") is None
     assert "remote code" in packing_refusal("minicpmv2_0")
