@@ -3,6 +3,9 @@ Train + DeepSpeed, the CLI in a subprocess, exactly the user's command) for a li
 
     python benchmarks/real_path.py --work /tmp/bench --out results.jsonl [--settings seed_like,recommended,...]
     python benchmarks/real_path.py --work /tmp/bench --profile recommended     # + `train --profile` of a setting
+    python benchmarks/real_path.py --settings zero0_mb8,packed5k_sdpa,packed5k_varlen --budget-s 420
+                                   # packing off/on in one 10-min call (≈ 150 s a setting after the workload);
+                                   # benchmarks/packed_attention.py compares the backends without Ray in ~1 min
 
 Workload: benchmarks/workload.py (2.21 B MiniCPM-V-2.6-shaped model, seed-shaped records), LoRA r64 on q/k/v, the
 vision tower and resampler fully trained, bf16, one Ray Train worker per GPU with 12 CPUs.
@@ -42,7 +45,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 PEAK = 989e12
-LINE = re.compile(r"step (\d+) \| loss")
+LINE = re.compile(r"step (\d+)(?:/\d+)? \| loss")  # "step 5/25 | loss ..." (progress.format_log_line)
 
 # name -> (overrides, max_steps). Steps: long enough for a >= 15 s measured window after the first 5 steps.
 SETTINGS = {
@@ -60,6 +63,13 @@ SETTINGS = {
                     25),
     "auto_mb2": (["deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto", "train.micro_batch_size=2"], 45),
     "auto_mb4": (["deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto", "train.micro_batch_size=4"], 30),
+    # issue 12 item 3, against zero0_mb8 (same engine, ~8 samples a micro-batch): a token budget of 5632 (≈ 8.3
+    # seed-shaped samples) as padded length-bucketed batches, and as packed rows with each attention backend
+    "budget5k_z0": (["deepspeed.zero_stage=0", "model.gradient_checkpointing=false", "train.micro_batch_size=1",
+                     "train.max_tokens_per_batch=5632"], 25),
+    **{f"packed5k_{b}": (["deepspeed.zero_stage=0", "model.gradient_checkpointing=false", "train.micro_batch_size=1",
+                          "train.max_tokens_per_batch=5632", "data.packing=true", f"model.packed_attention={b}"], 25)
+       for b in ("sdpa", "flex", "varlen")},
     # every weight trained (2.21 B): the full fine-tune recipe's engine choice
     "full_recommended": (["trainable.llm=full", "trainable.embed_tokens=full", "deepspeed.zero_stage=auto",
                           "model.gradient_checkpointing=auto", "train.micro_batch_size=8"], 25),

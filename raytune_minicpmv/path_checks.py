@@ -83,6 +83,15 @@ def checkpoint_problems(path: str, family: str) -> list[str]:
     return problems
 
 
+def packing_problems(family: str) -> list[str]:
+    """data.packing: the model family must train on packed rows (models.packing.packing_refusal decides)."""
+    from .models.packing import packing_refusal  # torch + transformers: only when packing is asked for
+
+    why = packing_refusal(family)
+    return [f"data.packing: model family {family} cannot train on packed rows ({why}); set data.packing=false"] \
+        if why else []
+
+
 def merge_input_problems(base: str, adapter: str, out: str) -> list[str]:
     """`raytune-minicpmv merge` inputs, checked before Ray starts."""
     problems = []

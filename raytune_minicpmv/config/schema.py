@@ -52,6 +52,9 @@ class DataConfig:
     num_cpus_per_task: float = 0.5  # CPU per preprocessing task; keep it fractional next to CPU train workers
     max_tasks: Optional[int] = None  # cap on concurrent preprocessing tasks (None: Ray decides)
     tokenizer_path: Optional[str] = None  # None: the model checkpoint directory
+    # train: several samples per micro-batch row, up to train.max_tokens_per_batch tokens (needed), first-fit-
+    # decreasing over a window of the stream; attention never crosses a sample (docs/TRAINING.md "Packing")
+    packing: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class ModelConfig:
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     downsample_mode: Literal["16x", "4x"] = "16x"  # 4.6/4.7: visual tokens = patches/16 or /4 (processor + model)
+    # the LLM's attention over packed rows (data.packing): sdpa (block-diagonal causal mask; the exact CPU path),
+    # flex (FlexAttention document mask, GPU), varlen (torch varlen_attn, GPU), auto: varlen on GPUs in bf16/fp16
+    # (measured fastest, docs/PERFORMANCE.md), else sdpa; docs/TRAINING.md "Packing"
+    packed_attention: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps (every rank does exactly this many)
     micro_batch_size: int = 1  # samples per GPU per forward
+    # a token budget per micro-batch instead of a fixed micro_batch_size (leave that at 1): padded tokens
+    # (samples × longest) without packing, the packed row's length with data.packing; >= data.model_max_length
+    max_tokens_per_batch: Optional[int] = None
     gradient_accumulation_steps: int = 1
     eval_steps: int = 100
     eval_max_batches: Optional[int] = None  # None: the whole eval split

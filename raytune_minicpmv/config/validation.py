@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import fields
 
-from ..path_checks import checkpoint_problems, data_file_problems, storage_problems
+from ..path_checks import checkpoint_problems, data_file_problems, packing_problems, storage_problems
 from .schema import Config, is_uri
 
 
@@ -99,6 +99,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     tr = cfg.train
     need(tr.max_steps >= 1, "train.max_steps: must be >= 1")
     need(tr.micro_batch_size >= 1, "train.micro_batch_size: must be >= 1")
+    p += _batching_problems(cfg)
     need(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be >= 1")
     need(tr.eval_steps >= 1, "train.eval_steps: must be >= 1")
     need(tr.logging_steps >= 1, "train.logging_steps: must be >= 1")
@@ -160,6 +161,30 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
     need(mg.num_gpus >= 0 and (mg.num_gpus <= 1 or mg.num_gpus == int(mg.num_gpus)),
          "merge.num_gpus: must be >= 0, and a whole number above 1 (Ray's rule for fractional GPUs)")
+    return p
+
+
+def _batching_problems(cfg: Config) -> list[str]:
+    """train.max_tokens_per_batch, data.packing and model.packed_attention: every conflict at once."""
+    p: list[str] = []
+    tr, budget = cfg.train, cfg.train.max_tokens_per_batch
+    if budget is not None:
+        if budget < cfg.data.model_max_length:
+            p.append(f"train.max_tokens_per_batch: {budget} is below data.model_max_length "
+                     f"({cfg.data.model_max_length}); the longest sample must fit one micro-batch, so raise it "
+                     "(or lower data.model_max_length)")
+        if tr.micro_batch_size != 1:
+            p.append(f"train.micro_batch_size: {tr.micro_batch_size} together with train.max_tokens_per_batch; "
+                     "they are alternatives (the budget decides how many samples a micro-batch holds): "
+                     "leave micro_batch_size at 1 or unset max_tokens_per_batch")
+    if cfg.data.packing:
+        if budget is None:
+            p.append("data.packing: needs train.max_tokens_per_batch (the length of a packed row), e.g. 8192")
+        p += packing_problems(cfg.model.family)
+    if cfg.model.packed_attention in ("flex", "varlen") and not cfg.scaling.use_gpu:
+        p.append(f"model.packed_attention: {cfg.model.packed_attention} runs on GPUs only; use sdpa or auto on CPU")
+    if cfg.model.packed_attention == "varlen" and cfg.model.dtype == "fp32":
+        p.append("model.packed_attention: varlen runs in bf16/fp16 only; use sdpa or auto with model.dtype=fp32")
     return p
 
 

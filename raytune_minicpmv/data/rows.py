@@ -207,10 +207,11 @@ def collate_rows(batch: dict) -> dict:
     input_ids = np.zeros((n, width), np.int64)
     labels = np.full((n, width), -100, np.int64)
     attention = np.zeros((n, width), np.int64)
-    positions = np.zeros((n, width), np.int64)
+    # positions run on through the right padding: restarting them at 0 would look like packed samples to
+    # transformers, which then builds a [B, 1, L, L] mask instead of using SDPA's causal kernel
+    positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
     for i, (s, lab) in enumerate(zip(seqs, labs)):
         input_ids[i, :len(s)], labels[i, :len(s)], attention[i, :len(s)] = s, lab, 1
-        positions[i, :len(s)] = np.arange(len(s))
     pixel_values, tgt_sizes, bounds = [], [], []
     for raw, tgt, bound in zip(batch["pixel_values"], batch["tgt_sizes"], batch["image_bound"]):
         tgt = np.asarray(tgt, dtype=np.int32).reshape(-1, 2)

@@ -17,6 +17,8 @@ The forward, per batch:
    would give ranks with more crops more calls, and the gathers fall out of step);
 4. the LLM runs on `inputs_embeds` with `position_ids`. `attention_mask` is not passed, as in the remote code:
    padding is on the right and attention is causal, so real tokens never see it, and SDPA keeps its causal kernel.
+   A packed row (several samples, positions restarting per sample) gets a block-diagonal causal mask from
+   transformers' own packed-sequence detection, or the varlen kwargs of `packing.packed_llm_kwargs`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 from transformers import initialization as init
 
+from .packing import packed_llm_kwargs
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
 from .resampler import Resampler, ResamplerAttention, sincos_2d
 from .vision import NavitSiglipVisionTower
@@ -141,8 +144,9 @@ class MiniCPMVBase(PreTrainedModel):
         emb = self.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("tgt_sizes"),
                                 batch.get("image_bound"))
         position_ids = batch.get("position_ids")
+        # packed rows (data.packing): positions restart per sample; varlen backends also get cu_seq_lens
         return self.llm(inputs_embeds=emb, position_ids=None if position_ids is None else position_ids.long(),
-                        use_cache=False)
+                        use_cache=False, **packed_llm_kwargs(batch))
 
 
 class MiniCPMV26(MiniCPMVBase):

@@ -36,6 +36,9 @@ class ModelFamily:
     config_class: Optional[type] = None
     model_class: Optional[type] = None
     blocked: Optional[str] = None  # why the family cannot be built natively (None: supported)
+    # why it cannot train on packed rows (data.packing), e.g. linear-attention layers whose state would run from
+    # one sample into the next; None: supported. Read only through models.packing.packing_refusal
+    no_packing: Optional[str] = None
 
     def check_supported(self) -> None:
         if self.blocked:

@@ -22,12 +22,14 @@ vision patch (SDPA keeps no score matrix), calibrated on the issue-12 H200 runs 
 sample); checkpointing keeps 2·d bytes per layer input plus one layer's activations. Logits: 8 bytes × vocab per
 LLM token (bf16 logits + their gradient + the loss's fp32 chunk). The micro-batch's shape comes from the
 preprocess report (longest sample, most crops per image) when the data is preprocessed, else from
-`data.model_max_length` and `data.max_slice_nums + 1` crops per sample.
+`data.model_max_length` and `data.max_slice_nums + 1` crops per sample. With `train.max_tokens_per_batch` the
+micro-batch is the budget's tokens and the crops the data's crops per token × budget (+25 %).
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -192,8 +194,25 @@ def micro_batch_shape(cfg: Config, size: ModelSize) -> MicroBatch:
         images_per_sample = train["images"] / max(1, train["records_out"])
         if crops:
             per_sample_crops = max(crops) * max(1, round(images_per_sample + 0.49))
+    budget = cfg.train.max_tokens_per_batch
+    if budget is not None:  # a token budget (packed or padded): the budget's tokens, crops at the data's rate
+        return MicroBatch(llm_tokens=budget, crops=_budget_crops(budget, report, per_sample_tokens,
+                                                                  per_sample_crops))
     mbs = cfg.train.micro_batch_size
     return MicroBatch(llm_tokens=mbs * per_sample_tokens, crops=mbs * per_sample_crops)
+
+
+def _budget_crops(budget: int, report: Optional[dict], per_sample_tokens: int, per_sample_crops: int) -> int:
+    """Crops in a micro-batch of `budget` tokens: the data's crops per token × budget with a 25 % margin (the
+    preprocess report), at least one largest sample's crops; without a report, budget / longest sample × its crops.
+    """
+    if report:
+        train = report["splits"]["train"]
+        crops = sum(int(k) * int(v) for k, v in train.get("crops_per_image", {}).items())
+        tokens = int(train["tokens"].get("total", 0))
+        if tokens > 0:
+            return max(per_sample_crops, math.ceil(1.25 * budget * crops / tokens))
+    return max(1, math.ceil(budget / max(1, per_sample_tokens))) * per_sample_crops
 
 
 def _read_report(cfg: Config) -> Optional[dict]:

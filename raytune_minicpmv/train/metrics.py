@@ -155,12 +155,13 @@ class StepCounts:
     @classmethod
     def of_batch(cls, batch: dict) -> "StepCounts":
         mask = batch["attention_mask"]
-        lens = mask.sum(dim=1).double()
+        # a packed row (data.packing) holds several samples: count them and their lengths, not the row
+        lens = torch.as_tensor(batch["seq_lens"]).double() if "seq_lens" in batch else mask.sum(dim=1).double()
         patches = [float(h * w) for ts in batch.get("tgt_sizes", []) for h, w in _pairs(ts)]
         # images, not crops: a sliced image is 1 image and several crops (collate carries the per-row image count)
         n_images = float(torch.as_tensor(batch["num_images"]).sum())
         return cls(label_tokens=float((batch["labels"] != -100).sum()), real_tokens=float(lens.sum()),
-                   padded_tokens=float(mask.numel()), samples=float(mask.shape[0]), images=n_images,
+                   padded_tokens=float(mask.numel()), samples=float(len(lens)), images=n_images,
                    crops=float(len(patches)), patches=sum(patches), sum_len_sq=float((lens ** 2).sum()),
                    sum_patches_sq=sum(p * p for p in patches))
 

@@ -49,6 +49,7 @@ APPLIED = (
     "scaling.cpus_per_worker", "scaling.accelerator_type", "scaling.check_resources", "data.output_path",
     "data.preprocessed", "data.map_batch_size", "data.num_cpus_per_task", "data.max_tasks", "data.max_skip_fraction",
     "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "tune.", "merge.", "model.attn_implementation",
+    "model.packed_attention",  # a kernel choice, like attn_implementation (data.packing itself: batch geometry)
 )
 
 

@@ -75,8 +75,10 @@ def train_fn_per_worker(config_dict: dict) -> None:
     reporter = StepReporter(meter, trackers, rank, world, cfg.train.max_steps, say)
     engine.train()
     if state.step < cfg.train.max_steps:
-        say(f"first step (world {world}, {cfg.train.gradient_accumulation_steps} micro-batch(es) of "
-            f"{cfg.train.micro_batch_size} per rank; the data stream starts) ...")
+        per = (f"{cfg.train.micro_batch_size} sample(s)" if cfg.train.max_tokens_per_batch is None else
+               f"<= {cfg.train.max_tokens_per_batch} tokens{' (packed rows)' if cfg.data.packing else ''}")
+        say(f"first step (world {world}, {cfg.train.gradient_accumulation_steps} micro-batch(es) of {per} per "
+            "rank; the data stream starts) ...")
     reporter.start(state.step)
     while state.step < cfg.train.max_steps:
         loss_sum, counts, step_s, wait_s, lr = train_step(engine, batches, cfg, world)
@@ -187,6 +189,12 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     say(f"loading model {cfg.model.path} ({cfg.model.dtype}){zero3} ...")
     t0 = time.perf_counter()
     model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
+    if cfg.data.packing:  # the LLM's attention over packed rows (model.packed_attention)
+        from ..models.packing import resolve_packed_attention, use_packed_attention
+
+        backend = resolve_packed_attention(cfg.model.packed_attention, cfg.scaling.use_gpu, dtype)
+        say(f"packed rows: LLM attention {backend} (model.packed_attention={cfg.model.packed_attention})")
+        use_packed_attention(model, backend)
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
@@ -236,8 +244,7 @@ def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[di
     skip = state.batch_in_epoch
     while True:
         n = 0
-        it = shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=True)
-        for batch in it:
+        for batch in epoch_batches(shard, cfg, collate, drop_last=True):
             n += 1
             if n <= skip:
                 continue  # resume: these were consumed before the checkpoint
@@ -249,6 +256,19 @@ def micro_batches(shard, cfg: Config, collate, state: TrainState) -> Iterator[di
         skip = 0
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def epoch_batches(shard, cfg: Config, collate, drop_last: bool) -> Iterator[dict]:
+    """One epoch of micro-batches: `micro_batch_size` rows each, or within `train.max_tokens_per_batch` tokens
+    (padded, or packed rows with data.packing; data/packing.py), collated in a background thread."""
+    budget = cfg.train.max_tokens_per_batch
+    if budget is None:
+        return iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+                                             drop_last=drop_last))
+    from ..data.packing import PACK_WINDOW_ROWS, budget_micro_batches, prefetched
+
+    rows = shard.iter_batches(batch_size=PACK_WINDOW_ROWS, batch_format="numpy")
+    return prefetched(budget_micro_batches(rows, budget, cfg.data.packing))
 
 
 def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
@@ -294,7 +314,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
         return None
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    it = iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=False))
+    it = epoch_batches(shard, cfg, collate, drop_last=False)
     n = 0
     while cfg.train.eval_max_batches is None or n < cfg.train.eval_max_batches:
         batch = next(it, None)

@@ -144,6 +144,28 @@ def test_zero2_without_eval_split_gives_the_zero3_first_loss_checkpoints_and_rep
     assert Path(s["checkpoint"]).name == "checkpoint_step_0000003" and len(s["kept_checkpoints"]) == 1
 
 
+def test_packed_rows_through_ray_train_give_the_unpacked_first_loss(inputs, lora_run):
+    """data.packing on the real path (Ray Data shard -> FFD packed rows -> ZeRO-3 on 2 ranks): a budget that holds
+    a rank's whole shard packs it into ONE row, so step 1 sees the same 20 samples as the lora run's one
+    micro-batch of 10 padded rows per rank, and must give the same global-mean loss; every step trains every
+    label token once (tokens_seen), and the evaluation runs over packed rows too."""
+    import json
+
+    from raytune_minicpmv.train.trainer import run_train
+
+    report = json.loads((Path(inputs["data.output_path"]) / "report.json").read_text())["splits"]["train"]
+    budget = max(1024, report["tokens"]["total"])
+    cfg = config(inputs, "packed", "data.packing=true", f"train.max_tokens_per_batch={budget}",
+                 "train.micro_batch_size=1", "train.max_steps=2", "optim.warmup_steps=0", "train.logging_steps=1",
+                 "train.eval_steps=2",
+                 "train.save_steps=2")
+    s = run_train(cfg)
+    assert s["error"] is None and s["steps"] == 2
+    assert s["loss_history"][0][1] == pytest.approx(lora_run[1]["loss_history"][0][1], abs=2e-4)
+    assert s["tokens_seen"] == 2 * report["trainable_tokens"]
+    assert s["final_eval_loss"] is not None and s["final_eval_loss"] > 0
+
+
 def test_empty_eval_split_fails_in_the_driver_before_training(inputs, tmp_path):
     """Issue 9 defect 2: an eval split whose every record was skipped is a clear error before any worker starts."""
     import pyarrow as pa

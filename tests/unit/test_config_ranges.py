@@ -55,6 +55,8 @@ BOUNDARIES = [
     (["train.max_steps=0"], "train.max_steps", ["train.max_steps=1"]),
     (["train.max_steps=-5"], "train.max_steps", []),
     (["train.micro_batch_size=0"], "train.micro_batch_size", ["train.micro_batch_size=1"]),
+    (["data.model_max_length=2048", "train.max_tokens_per_batch=2047"], "train.max_tokens_per_batch",
+     ["data.model_max_length=2048", "train.max_tokens_per_batch=2048"]),
     (["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps",
      ["train.gradient_accumulation_steps=1"]),
     (["train.eval_steps=0"], "train.eval_steps", ["train.eval_steps=1"]),

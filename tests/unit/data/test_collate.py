@@ -34,7 +34,7 @@ def test_table_schema_and_batch(rows_table):
     for b, n in enumerate(lengths):
         assert batch["attention_mask"][b].sum() == n
         assert (batch["input_ids"][b, n:] == 0).all() and (batch["labels"][b, n:] == -100).all()
-        assert batch["position_ids"][b, :n].tolist() == list(range(n)) and (batch["position_ids"][b, n:] == 0).all()
+        assert batch["position_ids"][b].tolist() == list(range(L))  # on through the padding (see below)
     assert [len(p) for p in batch["pixel_values"]] == [2, 3, 0]  # per sample, per crop; text-only: empty
     assert [tuple(t.shape) for t in batch["tgt_sizes"]] == [(2, 2), (3, 2), (0, 2)]
     assert batch["tgt_sizes"][0].dtype == torch.int32 and batch["image_bound"][0].dtype == torch.long
@@ -54,3 +54,18 @@ def test_pixels_equal_direct_slicing(rows_table):
     assert len(crops) == len(batch["pixel_values"][0])
     for got, crop in zip(batch["pixel_values"][0], crops):
         assert torch.equal(got, torch.from_numpy(normalize(pack_crop(np.asarray(crop)))))
+
+
+def test_padded_batch_keeps_sdpas_causal_kernel(rows_table):
+    """Issue 12: pad positions that restart at 0 look like packed samples to transformers
+    (`find_packed_sequence_indices`), which then builds a [B, 1, L, L] mask for every layer instead of SDPA's
+    causal kernel. Positions continue through the right padding; real tokens never attend to it (causal)."""
+    from transformers import Qwen2Config
+    from transformers.masking_utils import create_causal_mask
+
+    _, table = rows_table
+    batch = Collate()(table_to_numpy(table.take([2, 3, 4])))
+    config = Qwen2Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    emb = torch.zeros(*batch["input_ids"].shape, 64)
+    assert create_causal_mask(config, emb, None, None, batch["position_ids"]) is None

@@ -240,3 +240,16 @@ def test_tune_redoes_stale_preprocessed_data_or_refuses_under_a_running_search(t
 def test_a_new_run_has_nothing_to_resume(tmp_path):
     plan = prepare_resume(cfg_for(tmp_path))  # the run dir does not exist yet (first start of a tune trial)
     assert plan.checkpoint is None and plan.step == 0 and not plan.finished
+
+
+def test_packing_is_batch_geometry_but_its_attention_backend_may_change(run, tmp_path):
+    """data.packing / train.max_tokens_per_batch change which rows a data position points at: refused. The packed
+    rows' attention backend is a kernel choice (same results): applied."""
+    _, run_dir = run
+    ckpt = str(run_dir / "checkpoint_step_0000004")
+    with pytest.raises(ConfigError) as e:
+        check_config_change(cfg_for(tmp_path, "data.packing=true", "train.max_tokens_per_batch=4096",
+                                    "train.micro_batch_size=1"), ckpt)
+    assert {"data.packing", "train.max_tokens_per_batch"} <= {p.split(":")[0] for p in e.value.problems}
+    assert check_config_change(cfg_for(tmp_path, "model.packed_attention=sdpa"), ckpt) == {
+        "model.packed_attention": ("auto", "sdpa")}
