@@ -253,3 +253,36 @@ def test_model_side_and_fingerprint_of_a_46_run(env, tmp_path):
         '"max_slice_nums": 9', '"max_slice_nums": 2'))
     assert stale_reasons(before, inputs_fingerprint(cfg.data, spec, tok_path)) == [
         "tokenizer files changed: model.path/processor_config.json"]
+
+
+def test_right_padding_leaves_each_rows_logits_unchanged(env, tmp_path):
+    """The batch contract's right padding is exact for the hybrid 4.7 model (its Gated-DeltaNet layers carry state
+    from token to token; M-RoPE positions come from the ids): a row's logits in the padded batch equal its own."""
+    from transformers import MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration
+
+    from raytune_minicpmv.models.tiny_processor4 import structural_token_ids
+
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    records = [{"id": "img", "image": str(tmp_path / "s.png"),
+                "conversations": [{"role": "user", "content": "<image>\nWhat?"},
+                                  {"role": "assistant", "content": "A dot."}]},
+               {"id": "txt", "conversations": [{"role": "user", "content": "How many shapes are there?"},
+                                               {"role": "assistant", "content": "Three."}]}]
+    info, table = _ours(env, ("minicpmv4_7", "16x"), records)
+    ids = {k: v for k, v in structural_token_ids(info.tokenizer).items() if k not in ("pad_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    cfg = MiniCPMV4_7Config(
+        text_config=dict(model_type="qwen3_5_text", vocab_size=len(info.tokenizer), hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=14), insert_layer_id=1, **ids)
+    model = MiniCPMV4_7ForConditionalGeneration(cfg).eval()
+    assert cfg.text_config.layer_types.count("linear_attention") == 3
+    with torch.no_grad():
+        both = model(**model_inputs4(collate(table_to_numpy(table)))).logits
+        for i in range(2):
+            alone = model(**model_inputs4(collate(table_to_numpy(table.slice(i, 1))))).logits[0]
+            assert torch.allclose(both[i, :len(alone)], alone, atol=1e-5), i
+    assert table.column("num_tokens").to_pylist()[0] != table.column("num_tokens").to_pylist()[1]
