@@ -6,7 +6,10 @@
 
 The forward, per batch:
 1. every crop of every sample is zero-padded to the longest and run through `vpm` in chunks of
-   `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`;
+   `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`; with `model.vision_varlen`
+   (set by `models.kernels.configure_kernels`, a run's `model.vision_varlen`) the crops of a chunk are sorted by
+   length and packed side by side WITHOUT padding instead (vision.py "Packed"): same features, no padded patch
+   computed, unmasked SDPA per run of equal-length crops;
 2. the LLM's token embeddings are computed and the crop features are written at the `image_bound` spans
    OUT OF PLACE (`index_copy`), so frozen embeddings + `enable_input_require_grads` + LoRA work (an in-place scatter
    on that output is the remote code's "leaf variable used in an in-place operation" error);
@@ -43,6 +46,7 @@ class MiniCPMVBase(PreTrainedModel):
     _no_split_modules = ["Idefics2EncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Resampler"]
     llm_class: type = Qwen2ForCausalLM
     legacy_strip_positions = False
+    vision_varlen = False  # packed crops (no padding) in image_features; the padded path is the reference
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -86,16 +90,35 @@ class MiniCPMVBase(PreTrainedModel):
     def image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         """crops: `[3, 14, N_i*14]` each; tgt_sizes `[n, 2]` → `[n, Q, D]` in the LLM's dtype."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
-        width = max(c.shape[-1] for c in crops)
-        pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
         tgt_sizes = tgt_sizes.to(torch.int32)
         # ZeRO-3 (ds_id on partitioned params): one call whatever the crop count, so every rank gathers in step
         chunk = len(crops) if self.zero3_partitioned else max(1, int(self.config.vision_batch_size))
+        if self.vision_varlen:
+            return self._packed_image_features(crops, tgt_sizes, chunk, dtype)
+        width = max(c.shape[-1] for c in crops)
+        pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
         feats = []
         for s in range(0, len(crops), chunk):
             hidden = self.vpm(pixels[s:s + chunk], tgt_sizes[s:s + chunk])
             feats.append(self.resampler(hidden, tgt_sizes[s:s + chunk]))
         return torch.cat(feats).to(self.get_input_embeddings().weight.dtype)
+
+    def _packed_image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor, chunk: int,
+                               dtype: torch.dtype) -> torch.Tensor:
+        """image_features without padding: longest crops first (so equal lengths are adjacent: few SDPA runs),
+        each chunk's crops concatenated along the patch axis; the output is put back in the crops' order."""
+        lengths = [c.shape[-1] for c in crops]
+        order = sorted(range(len(crops)), key=lambda i: -lengths[i])
+        feats = []
+        for s in range(0, len(order), chunk):
+            idx = order[s:s + chunk]
+            pixels = torch.cat([crops[i] for i in idx], dim=-1)[None].to(dtype)
+            sizes = tgt_sizes[torch.tensor(idx, device=tgt_sizes.device)]
+            feats.append(self.resampler(self.vpm(pixels, sizes, packed=True), sizes, packed=True))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        out = torch.cat(feats)
+        return out.index_select(0, inverse.to(out.device)).to(self.get_input_embeddings().weight.dtype)
 
     def _dummy_features(self, device: torch.device) -> torch.Tensor:
         h, w = DUMMY_TGT
