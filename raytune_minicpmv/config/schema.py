@@ -64,6 +64,11 @@ class ModelConfig:
     # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # kernel levers (models/kernels.py, docs/PERFORMANCE.md); auto: on where exact and available
+    vision_varlen: Literal[True, False, "auto"] = "auto"  # crops packed without padding (2.6; 2.5: off)
+    fused_ce: Literal[True, False, "auto"] = "auto"  # training loss from hidden states: no [tokens, vocab] logits
+    liger: Literal[True, False, "auto"] = "auto"  # Liger Kernel (extra `gpu`): RMSNorm/SwiGLU/RoPE + fused CE
+    compile_vision: bool = False  # torch.compile of the vision layers' per-token parts (first steps compile)
 
 
 @dataclass(frozen=True)

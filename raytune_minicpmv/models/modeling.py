@@ -20,20 +20,37 @@ The forward, per batch:
    would give ranks with more crops more calls, and the gathers fall out of step);
 4. the LLM runs on `inputs_embeds` with `position_ids`. `attention_mask` is not passed, as in the remote code:
    padding is on the right and attention is causal, so real tokens never see it, and SDPA keeps its causal kernel.
+5. `model(batch, loss_only=True)` (training with `model.fused_ce`): no logits; the LLM's decoder gives the final
+   hidden states and the loss comes from them and `lm_head` (loss.linear_cross_entropy, or Liger's fused kernel
+   when `fused_ce_impl == "liger"`) → `LossOutput(loss_sum, n_tokens)`. Evaluation and merge verification that
+   need logits call the model as before.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 from transformers import initialization as init
+from transformers.utils import ModelOutput
 
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
+from .loss import linear_cross_entropy
 from .resampler import Resampler, ResamplerAttention, sincos_2d
 from .vision import NavitSiglipVisionTower
 
 DUMMY_TGT = (4, 4)  # patch grid of the zero-contribution crop of text-only training batches
+
+
+@dataclass
+class LossOutput(ModelOutput):
+    """`model(batch, loss_only=True)`: float32 CE sum over labels != -100 and their count (a long tensor)."""
+
+    loss_sum: Optional[torch.Tensor] = None
+    n_tokens: Optional[torch.Tensor] = None
 
 
 class MiniCPMVBase(PreTrainedModel):
@@ -47,6 +64,8 @@ class MiniCPMVBase(PreTrainedModel):
     llm_class: type = Qwen2ForCausalLM
     legacy_strip_positions = False
     vision_varlen = False  # packed crops (no padding) in image_features; the padded path is the reference
+    fused_ce = False  # the training loop asks for loss_only=True (kernels.uses_fused_loss)
+    fused_ce_impl = "torch"  # loss_only=True: "torch" (chunked, loss.py) or "liger" (set by kernels.py)
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -158,14 +177,29 @@ class MiniCPMVBase(PreTrainedModel):
             emb = emb + self._dummy_features(emb.device).sum() * 0.0
         return emb
 
-    def forward(self, batch: dict | None = None, **kwargs):
-        """`model(batch)` (the collate dict; `model(**batch)` works too). Returns the LLM output (`.logits`)."""
+    def forward(self, batch: dict | None = None, *, loss_only: bool = False, **kwargs):
+        """`model(batch)` (the collate dict; `model(**batch)` works too). Returns the LLM output (`.logits`);
+        `loss_only=True`: a `LossOutput` from `batch["labels"]`, no logits (module docstring, point 5)."""
         batch = {**(batch or {}), **kwargs}
         emb = self.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("tgt_sizes"),
                                 batch.get("image_bound"))
         position_ids = batch.get("position_ids")
-        return self.llm(inputs_embeds=emb, position_ids=None if position_ids is None else position_ids.long(),
-                        use_cache=False)
+        position_ids = None if position_ids is None else position_ids.long()
+        if not loss_only:
+            return self.llm(inputs_embeds=emb, position_ids=position_ids, use_cache=False)
+        decoder = getattr(self.llm, self.llm.base_model_prefix)
+        hidden = decoder(inputs_embeds=emb, position_ids=position_ids, use_cache=False).last_hidden_state
+        return LossOutput(*self.hidden_loss(hidden, batch["labels"]))
+
+    def hidden_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE sum, token count) of `lm_head(hidden)` against pre-shifted labels, without the full logits."""
+        head = self.llm.get_output_embeddings()
+        if self.fused_ce_impl == "liger" and type(head) is nn.Linear and not self.zero3_partitioned:
+            from .kernels import liger_linear_cross_entropy
+
+            return liger_linear_cross_entropy(hidden, labels, head)
+        vocab = getattr(head, "out_features", None) or self.config.vocab_size
+        return linear_cross_entropy(hidden, labels, head, vocab, single_call=self.zero3_partitioned)
 
 
 class MiniCPMV26(MiniCPMVBase):
