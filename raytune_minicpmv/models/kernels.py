@@ -104,15 +104,17 @@ def apply_liger(llm: nn.Module) -> None:
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=llm)
 
 
-def liger_linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor,
-                               head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+def liger_linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear,
+                               label_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Liger's fused linear + CE (Triton), sum over labels != -100, on the labelled rows only."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
+    from .loss import labelled_positions
+
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_l = labels.reshape(-1).to(flat_h.device).long()
-    keep = (flat_l != -100).nonzero().squeeze(1)
-    n_tokens = keep.new_tensor(keep.numel())
+    keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
+    n_tokens = torch.tensor(keep.numel(), device=flat_h.device)
     if keep.numel() == 0:
         return head(flat_h[:0]).float().sum(), n_tokens
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, flat_h.index_select(0, keep),

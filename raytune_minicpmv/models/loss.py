@@ -54,19 +54,31 @@ def _chunk_linear_ce(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the labelled tokens (labels != -100), a long tensor on the labels' device."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def with_label_positions(batch: dict) -> dict:
+    """The batch plus `label_positions` (flat indices of its labelled tokens), computed where the labels are: on
+    the host, before the batch moves to the GPU, the fused loss then needs no device→host sync to find them."""
+    return {**batch, "label_positions": labelled_positions(batch["labels"])}
+
+
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, vocab: int,
-                         single_call: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         single_call: bool = False,
+                         label_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_loss(head(hidden), labels)` without the logits of the whole sequence.
 
     hidden `[..., d]`, labels `[...]` (pre-shifted, -100 ignored), `head` the output projection MODULE (called,
     so PEFT wrappers and ZeRO-3 gathers apply). `single_call=True` (ZeRO-3: every call of `head` is a collective,
     so each rank makes exactly one, also with no target) runs the labelled rows through `head` at once and chunks
-    only the float32 CE.
+    only the float32 CE. `label_positions` (`labelled_positions(labels)`, e.g. from the host) skips finding them.
     """
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_l = labels.reshape(-1).to(flat_h.device).long()
-    keep = (flat_l != IGNORE_INDEX).nonzero().squeeze(1)
-    n_tokens = keep.new_tensor(keep.numel())
+    keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
+    n_tokens = torch.tensor(keep.numel(), device=flat_h.device)
     rows_h, rows_l = flat_h.index_select(0, keep), flat_l.index_select(0, keep)
     if single_call:
         logits = head(rows_h)

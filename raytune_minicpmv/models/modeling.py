@@ -128,11 +128,14 @@ class MiniCPMVBase(PreTrainedModel):
         each chunk's crops concatenated along the patch axis; the output is put back in the crops' order."""
         lengths = [c.shape[-1] for c in crops]
         order = sorted(range(len(crops)), key=lambda i: -lengths[i])
+        # the sizes on the host once: the packed tower and resampler read them as Python ints (a device tensor
+        # would sync the host there, after the tower's kernels are queued)
+        host_sizes = tgt_sizes.cpu()
         feats = []
         for s in range(0, len(order), chunk):
             idx = order[s:s + chunk]
             pixels = torch.cat([crops[i] for i in idx], dim=-1)[None].to(dtype)
-            sizes = tgt_sizes[torch.tensor(idx, device=tgt_sizes.device)]
+            sizes = host_sizes[torch.tensor(idx)]
             feats.append(self.resampler(self.vpm(pixels, sizes, packed=True), sizes, packed=True))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -189,17 +192,20 @@ class MiniCPMVBase(PreTrainedModel):
             return self.llm(inputs_embeds=emb, position_ids=position_ids, use_cache=False)
         decoder = getattr(self.llm, self.llm.base_model_prefix)
         hidden = decoder(inputs_embeds=emb, position_ids=position_ids, use_cache=False).last_hidden_state
-        return LossOutput(*self.hidden_loss(hidden, batch["labels"]))
+        return LossOutput(*self.hidden_loss(hidden, batch["labels"], batch.get("label_positions")))
 
-    def hidden_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE sum, token count) of `lm_head(hidden)` against pre-shifted labels, without the full logits."""
+    def hidden_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                    label_positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE sum, token count) of `lm_head(hidden)` against pre-shifted labels, without the full logits.
+        `label_positions`: loss.with_label_positions' flat indices of the labelled tokens (saves a host sync)."""
         head = self.llm.get_output_embeddings()
         if self.fused_ce_impl == "liger" and type(head) is nn.Linear and not self.zero3_partitioned:
             from .kernels import liger_linear_cross_entropy
 
-            return liger_linear_cross_entropy(hidden, labels, head)
+            return liger_linear_cross_entropy(hidden, labels, head, label_positions)
         vocab = getattr(head, "out_features", None) or self.config.vocab_size
-        return linear_cross_entropy(hidden, labels, head, vocab, single_call=self.zero3_partitioned)
+        return linear_cross_entropy(hidden, labels, head, vocab, single_call=self.zero3_partitioned,
+                                    label_positions=label_positions)
 
 
 class MiniCPMV26(MiniCPMVBase):

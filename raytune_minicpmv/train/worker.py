@@ -260,7 +260,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
     StepCounts, step s, data-wait s, lr applied)."""
 
     from ..models.kernels import uses_fused_loss
-    from ..models.loss import batch_loss
+    from ..models.loss import batch_loss, with_label_positions
 
     fused = uses_fused_loss(engine.module)  # model.fused_ce: the loss from hidden states, no logits
     with Timer() as step_t:
@@ -275,7 +275,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)  # read at log steps only
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
-            b = to_device(b, engine.device)
+            b = to_device(with_label_positions(b) if fused else b, engine.device)
             loss_sum, _ = batch_loss(engine, b, fused)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()

@@ -138,3 +138,32 @@ def test_liger_llm_kernels_keep_the_model_loss_and_gradients(tmp_path):
     for name, grad in results[0][1].items():
         err, scale = (results[1][1][name] - grad).abs().max().item(), grad.abs().max().item()
         assert err <= 5e-2 * scale + 1e-5, f"{name}: {err:.3g} vs {scale:.3g}"
+
+
+def test_compiled_vision_layers_after_peft_train_the_trained_copy(tmp_path):
+    """model.compile_vision: compiled after PEFT copies vpm (modules_to_save); same features, and the gradients
+    reach the trained copy (a module compiled before the copy would run the frozen original)."""
+    from raytune_minicpmv.config.schema import LoraConfig, TrainableConfig
+    from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_model
+    from raytune_minicpmv.models.kernels import compile_vision_layers
+
+    ckpt = build_tiny("minicpmv2_6", tmp_path / "m", query_num=16)
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randn(3, P, h * w * P, generator=g).cuda() for h, w in GRIDS[-1:] + [(3, 4), (4, 3)]]
+    sizes = torch.tensor([[5, 7], [3, 4], [4, 3]], dtype=torch.int32).cuda()
+    feats = []
+    for compiled in (False, True):
+        model = load_model(ckpt, dtype=torch.float32)
+        model.vision_varlen = True
+        torch.manual_seed(0)
+        model = apply_trainable_policy(model, TrainableConfig(vision="full", llm="lora"), LoraConfig(r=4, dropout=0))
+        model.cuda().train()
+        if compiled:
+            assert compile_vision_layers(model) == 2 * model.get_base_model().config.vision_layers  # copy + original
+        base = model.get_base_model()
+        out = base.image_features(crops, sizes)
+        out.sum().backward()
+        trained = [p for n, p in model.named_parameters() if "vpm" in n and "modules_to_save" in n]
+        assert trained and all(p.grad is not None for p in trained)
+        feats.append(out.detach())
+    torch.testing.assert_close(feats[1], feats[0], rtol=1e-4, atol=1e-4)

@@ -14,7 +14,8 @@ from raytune_minicpmv.config.schema import LoraConfig, TrainableConfig
 from raytune_minicpmv.models import apply_trainable_policy, build_tiny, compute_loss, load_model
 from raytune_minicpmv.models import loss as loss_mod
 from raytune_minicpmv.models.kernels import KernelPlan, configure_kernels, plan_kernels, uses_fused_loss
-from raytune_minicpmv.models.loss import IGNORE_INDEX, batch_loss, linear_cross_entropy
+from raytune_minicpmv.models.loss import (IGNORE_INDEX, batch_loss, labelled_positions, linear_cross_entropy,
+                                          with_label_positions)
 
 D, V = 16, 37
 
@@ -56,6 +57,18 @@ def test_fused_sum_count_and_gradients_equal_the_plain_path(monkeypatch, rows_pe
     assert int(got[1]) == int(want[1]) == int(keep.sum())
     for g, w in zip(got[:1] + got[2:], want[:1] + want[2:]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_label_positions_given_by_the_host_give_the_same_loss_and_gradients():
+    hidden, labels, head = case()
+    positions = labelled_positions(labels)
+    assert positions.tolist() == [i for i, x in enumerate(labels.reshape(-1).tolist()) if x != IGNORE_INDEX]
+    want = grads_of(lambda h, lab, m: linear_cross_entropy(h, lab, m, V), hidden, labels, head)
+    got = grads_of(lambda h, lab, m: linear_cross_entropy(h, lab, m, V, label_positions=positions),
+                   hidden, labels, head)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.as_tensor(g), torch.as_tensor(w))
+    assert with_label_positions({"labels": labels})["label_positions"].tolist() == positions.tolist()
 
 
 def test_fused_eval_path_without_grad_and_a_batch_without_targets():
@@ -126,7 +139,7 @@ def test_model_loss_only_equals_the_logits_path_with_gradients(ckpt, lora):
             model = apply_trainable_policy(model, TrainableConfig(vision="full", llm="lora"),
                                            LoraConfig(r=4, dropout=0.0))
         assert uses_fused_loss(model) == fused
-        total, count = batch_loss(model, batch, fused=fused)
+        total, count = batch_loss(model, with_label_positions(batch) if fused else batch, fused=fused)
         total.backward()
         results.append((total.detach(), int(count), {n: p.grad.clone() for n, p in model.named_parameters()
                                                       if p.grad is not None}))
