@@ -180,3 +180,19 @@ def test_model_image_features_and_gradients_equal_with_varlen(ckpt, zero3_like_s
                                          if p.grad is not None and (n.startswith("vpm") or n.startswith("resampler"))}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert_grads_close(results[1][1], results[0][1], min_count=40)
+
+
+def test_model_gradient_checkpointing_applies_to_the_packed_vision_layers(ckpt):
+    """`enable_gradient_checkpointing(model, "vision")` (what the worker calls) reaches the packed layers: each
+    runs once in forward and once more in backward."""
+    from raytune_minicpmv.models import enable_gradient_checkpointing
+
+    model = load_model(ckpt, dtype=torch.float32).train()
+    model.vision_varlen = True
+    enable_gradient_checkpointing(model, mode="vision")
+    calls = []
+    for layer in model.vpm.encoder.layers:
+        layer.layer_norm1.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.config.vision_batch_size = 100
+    model.image_features(crops(), sizes()).sum().backward()
+    assert len(calls) == 2 * len(model.vpm.encoder.layers)
