@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="/tmp/bench/model")
     p.add_argument("--build", default=None, help="build the workload model into this folder and exit")
     p.add_argument("--tokenizer", default=str(REPO / "tests" / "assets" / "minicpmv26_tokenizer"))
+    p.add_argument("--llm-layers", type=int, default=None, help="--build: LLM layers (default: the workload's 28)")
     p.add_argument("--levers", default=",".join(LEVERS))
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=680)
@@ -122,6 +123,14 @@ def main(argv=None) -> None:
     if a.build:
         import workload
 
+        if a.llm_layers:  # a shorter LLM (same widths, vocab and vision tower): a quick look on a short lease
+            dims = {**workload.MODEL_DIMS, "llm_layers": a.llm_layers}
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                from raytune_minicpmv.models import build_tiny
+
+                build_tiny("minicpmv2_6", a.build, tokenizer=a.tokenizer, dtype=torch.bfloat16, **dims)
+            print("model:", a.build, dims, flush=True)
+            return
         print("model:", workload.build_model(Path(a.build), a.tokenizer), flush=True)
         return
     names = [n for n in a.levers.split(",") if n]
