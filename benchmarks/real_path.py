@@ -6,6 +6,7 @@ Train + DeepSpeed, the CLI in a subprocess, exactly the user's command) for a li
     python benchmarks/real_path.py --settings zero0_mb8,packed5k_sdpa,packed5k_varlen --budget-s 420
                                    # packing off/on in one 10-min call (≈ 150 s a setting after the workload);
                                    # benchmarks/packed_attention.py compares the backends without Ray in ~1 min
+    python benchmarks/real_path.py --work /tmp/bench --settings levers_on,varlen_off,fused_ce_off,liger_off
 
 Workload: benchmarks/workload.py (2.21 B MiniCPM-V-2.6-shaped model, seed-shaped records), LoRA r64 on q/k/v, the
 vision tower and resampler fully trained, bf16, one Ray Train worker per GPU with 12 CPUs.
@@ -76,6 +77,17 @@ SETTINGS = {
     "full_zero3_ckpt_mb2": (["trainable.llm=full", "trainable.embed_tokens=full", "deepspeed.zero_stage=3",
                              "model.gradient_checkpointing=true", "train.micro_batch_size=2"], 30),
 }
+# One row per kernel lever (models/kernels.py): the same engine (ZeRO-0, no recompute, micro-batch 8) with every
+# lever on, then each one off. Liger needs the liger_kernel wheel on the workers' PYTHONPATH (docs/PERFORMANCE.md);
+# without it `levers_on` fails at build with a message naming the fix, and the other rows still run.
+_LEVER_ENGINE = ["deepspeed.zero_stage=0", "model.gradient_checkpointing=false", "train.micro_batch_size=8"]
+_LEVERS_ON = ["model.vision_varlen=true", "model.fused_ce=true", "model.liger=true"]
+SETTINGS.update({
+    "levers_on": (_LEVER_ENGINE + _LEVERS_ON, 15),
+    "varlen_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_varlen=false"], 15),
+    "fused_ce_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.fused_ce=false"], 15),
+    "liger_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.liger=false"], 15),
+})
 
 
 def base_config(work: Path, use_gpu: bool) -> dict:

@@ -153,7 +153,7 @@ def bench_worker(args_dict: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for step in range(a.steps):
         loss_sum, counts, step_s, wait_s, _ = train_step(engine, batches, cfg, world)
-        losses.append(loss_sum / max(counts.label_tokens / world, 1))
+        losses.append(float(loss_sum) / max(counts.label_tokens / world, 1))
         if step == a.warmup - 1:
             meter.snapshot()  # drop the warmup window
             meter.start()  # rates are over wall-clock time from here

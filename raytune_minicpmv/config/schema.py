@@ -72,6 +72,11 @@ class ModelConfig:
     # flex (FlexAttention document mask, GPU), varlen (torch varlen_attn, GPU), auto: varlen on GPUs in bf16/fp16
     # (measured fastest, docs/PERFORMANCE.md), else sdpa; docs/TRAINING.md "Packing"
     packed_attention: Literal["auto", "sdpa", "flex", "varlen"] = "auto"
+    # kernel levers (models/kernels.py, docs/PERFORMANCE.md); auto: on where exact and available
+    vision_varlen: Literal[True, False, "auto"] = "auto"  # crops packed without padding (2.6; 2.5: off)
+    fused_ce: Literal[True, False, "auto"] = "auto"  # training loss from hidden states: no [tokens, vocab] logits
+    liger: Literal[True, False, "auto"] = "auto"  # Liger Kernel (extra `gpu`): RMSNorm/SwiGLU/RoPE + fused CE
+    compile_vision: bool = False  # torch.compile of the vision layers' per-token parts (first steps compile)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,11 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              "model.path: required (a checkpoint directory; `raytune-minicpmv demo` builds a tiny one)")
         need(not m.path or _exists(m.path), f"model.path: {m.path} does not exist")
         p += checkpoint_problems(m.path, m.family)
+    need(not (m.vision_varlen is True and m.family == "minicpmv2_5"),
+         "model.vision_varlen: true is not available for minicpmv2_5 (its vision tower attends the crops' padding, "
+         "as the remote code does); use auto or false")
+    need(not (m.liger is True and not cfg.scaling.use_gpu),
+         "model.liger: true needs GPUs (Liger Kernel is Triton/CUDA); set scaling.use_gpu=true or model.liger=auto")
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:

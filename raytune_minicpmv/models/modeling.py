@@ -6,7 +6,10 @@
 
 The forward, per batch:
 1. every crop of every sample is zero-padded to the longest and run through `vpm` in chunks of
-   `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`;
+   `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`; with `model.vision_varlen`
+   (set by `models.kernels.configure_kernels`, a run's `model.vision_varlen`) the crops of a chunk are sorted by
+   length and packed side by side WITHOUT padding instead (vision.py "Packed"): same features, no padded patch
+   computed, unmasked SDPA per run of equal-length crops;
 2. the LLM's token embeddings are computed and the crop features are written at the `image_bound` spans
    OUT OF PLACE (`index_copy`), so frozen embeddings + `enable_input_require_grads` + LoRA work (an in-place scatter
    on that output is the remote code's "leaf variable used in an in-place operation" error);
@@ -19,21 +22,38 @@ The forward, per batch:
    padding is on the right and attention is causal, so real tokens never see it, and SDPA keeps its causal kernel.
    A packed row (several samples, positions restarting per sample) gets a block-diagonal causal mask from
    transformers' own packed-sequence detection, or the varlen kwargs of `packing.packed_llm_kwargs`.
+5. `model(batch, loss_only=True)` (training with `model.fused_ce`): no logits; the LLM's decoder gives the final
+   hidden states and the loss comes from them and `lm_head` (loss.linear_cross_entropy, or Liger's fused kernel
+   when `fused_ce_impl == "liger"`) → `LossOutput(loss_sum, n_tokens)`. Evaluation and merge verification that
+   need logits call the model as before.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 from transformers import initialization as init
+from transformers.utils import ModelOutput
 
 from .packing import packed_llm_kwargs
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
+from .loss import linear_cross_entropy
 from .resampler import Resampler, ResamplerAttention, sincos_2d
 from .vision import NavitSiglipVisionTower
 
 DUMMY_TGT = (4, 4)  # patch grid of the zero-contribution crop of text-only training batches
+
+
+@dataclass
+class LossOutput(ModelOutput):
+    """`model(batch, loss_only=True)`: float32 CE sum over labels != -100 and their count (a long tensor)."""
+
+    loss_sum: Optional[torch.Tensor] = None
+    n_tokens: Optional[torch.Tensor] = None
 
 
 class MiniCPMVBase(PreTrainedModel):
@@ -46,6 +66,9 @@ class MiniCPMVBase(PreTrainedModel):
     _no_split_modules = ["Idefics2EncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Resampler"]
     llm_class: type = Qwen2ForCausalLM
     legacy_strip_positions = False
+    vision_varlen = False  # packed crops (no padding) in image_features; the padded path is the reference
+    fused_ce = False  # the training loop asks for loss_only=True (kernels.uses_fused_loss)
+    fused_ce_impl = "torch"  # loss_only=True: "torch" (chunked, loss.py) or "liger" (set by kernels.py)
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -89,16 +112,38 @@ class MiniCPMVBase(PreTrainedModel):
     def image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
         """crops: `[3, 14, N_i*14]` each; tgt_sizes `[n, 2]` → `[n, Q, D]` in the LLM's dtype."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
-        width = max(c.shape[-1] for c in crops)
-        pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
         tgt_sizes = tgt_sizes.to(torch.int32)
         # ZeRO-3 (ds_id on partitioned params): one call whatever the crop count, so every rank gathers in step
         chunk = len(crops) if self.zero3_partitioned else max(1, int(self.config.vision_batch_size))
+        if self.vision_varlen:
+            return self._packed_image_features(crops, tgt_sizes, chunk, dtype)
+        width = max(c.shape[-1] for c in crops)
+        pixels = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in crops]).to(dtype)
         feats = []
         for s in range(0, len(crops), chunk):
             hidden = self.vpm(pixels[s:s + chunk], tgt_sizes[s:s + chunk])
             feats.append(self.resampler(hidden, tgt_sizes[s:s + chunk]))
         return torch.cat(feats).to(self.get_input_embeddings().weight.dtype)
+
+    def _packed_image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor, chunk: int,
+                               dtype: torch.dtype) -> torch.Tensor:
+        """image_features without padding: longest crops first (so equal lengths are adjacent: few SDPA runs),
+        each chunk's crops concatenated along the patch axis; the output is put back in the crops' order."""
+        lengths = [c.shape[-1] for c in crops]
+        order = sorted(range(len(crops)), key=lambda i: -lengths[i])
+        # the sizes on the host once: the packed tower and resampler read them as Python ints (a device tensor
+        # would sync the host there, after the tower's kernels are queued)
+        host_sizes = tgt_sizes.cpu()
+        feats = []
+        for s in range(0, len(order), chunk):
+            idx = order[s:s + chunk]
+            pixels = torch.cat([crops[i] for i in idx], dim=-1)[None].to(dtype)
+            sizes = host_sizes[torch.tensor(idx)]
+            feats.append(self.resampler(self.vpm(pixels, sizes, packed=True), sizes, packed=True))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        out = torch.cat(feats)
+        return out.index_select(0, inverse.to(out.device)).to(self.get_input_embeddings().weight.dtype)
 
     def _dummy_features(self, device: torch.device) -> torch.Tensor:
         h, w = DUMMY_TGT
@@ -138,15 +183,33 @@ class MiniCPMVBase(PreTrainedModel):
             emb = emb + self._dummy_features(emb.device).sum() * 0.0
         return emb
 
-    def forward(self, batch: dict | None = None, **kwargs):
-        """`model(batch)` (the collate dict; `model(**batch)` works too). Returns the LLM output (`.logits`)."""
+    def forward(self, batch: dict | None = None, *, loss_only: bool = False, **kwargs):
+        """`model(batch)` (the collate dict; `model(**batch)` works too). Returns the LLM output (`.logits`);
+        `loss_only=True`: a `LossOutput` from `batch["labels"]`, no logits (module docstring, point 5)."""
         batch = {**(batch or {}), **kwargs}
         emb = self.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("tgt_sizes"),
                                 batch.get("image_bound"))
         position_ids = batch.get("position_ids")
-        # packed rows (data.packing): positions restart per sample; varlen backends also get cu_seq_lens
-        return self.llm(inputs_embeds=emb, position_ids=None if position_ids is None else position_ids.long(),
-                        use_cache=False, **packed_llm_kwargs(batch))
+        position_ids = None if position_ids is None else position_ids.long()
+        packed = packed_llm_kwargs(batch)  # packed rows (data.packing): varlen backends also get cu_seq_lens
+        if not loss_only:
+            return self.llm(inputs_embeds=emb, position_ids=position_ids, use_cache=False, **packed)
+        decoder = getattr(self.llm, self.llm.base_model_prefix)
+        hidden = decoder(inputs_embeds=emb, position_ids=position_ids, use_cache=False, **packed).last_hidden_state
+        return LossOutput(*self.hidden_loss(hidden, batch["labels"], batch.get("label_positions")))
+
+    def hidden_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                    label_positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE sum, token count) of `lm_head(hidden)` against pre-shifted labels, without the full logits.
+        `label_positions`: loss.with_label_positions' flat indices of the labelled tokens (saves a host sync)."""
+        head = self.llm.get_output_embeddings()
+        if self.fused_ce_impl == "liger" and type(head) is nn.Linear and not self.zero3_partitioned:
+            from .kernels import liger_linear_cross_entropy
+
+            return liger_linear_cross_entropy(hidden, labels, head, label_positions)
+        vocab = getattr(head, "out_features", None) or self.config.vocab_size
+        return linear_cross_entropy(hidden, labels, head, vocab, single_call=self.zero3_partitioned,
+                                    label_positions=label_positions)
 
 
 class MiniCPMV26(MiniCPMVBase):

@@ -8,6 +8,10 @@ demand when a crop grid exceeds it.
 `ResamplerAttention` is `nn.MultiheadAttention` math (same parameters) on SDPA, with the output projection *called
 as a module*: ZeRO-3 only gathers a submodule's weights when that submodule runs, and stock MultiheadAttention
 reads `out_proj.weight` directly.
+
+Packed input (`forward(x, tgt_sizes, packed=True)`, x `[T, kv_dim]` from the packed vision tower): kv_proj / ln_kv
+and the k/v projections run once over the T real patches, the query projection once; only the attention is per
+crop, one unmasked SDPA call per run of equal-length crops (`vision.CropRuns`), as in the vision tower.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .vision import CropRuns
 
 
 def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
@@ -42,8 +48,12 @@ class ResamplerAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """query `[B, Q, D]`, key/value `[B, N, D]`, key_padding_mask `[B, N]` True = padding → `[B, Q, D]`."""
+                key_padding_mask: torch.Tensor | None, runs: CropRuns | None = None) -> torch.Tensor:
+        """query `[B, Q, D]`, key/value `[B, N, D]`, key_padding_mask `[B, N]` True = padding → `[B, Q, D]`.
+
+        With `runs` (packed): query `[Q, D]` (shared by every crop), key/value `[T, D]` → `[n_crops, Q, D]`."""
+        if runs is not None:
+            return self._forward_packed(query, key, value, runs)
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
         b, n_q, dim = query.shape
@@ -52,6 +62,22 @@ class ResamplerAttention(nn.Module):
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n_q, dim))
+
+    def _forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        runs: CropRuns) -> torch.Tensor:
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        (n_q, dim), heads = query.shape, self.num_heads
+        q = F.linear(query, wq, bq).view(n_q, heads, dim // heads).transpose(0, 1)  # [H, Q, hd]
+        k = F.linear(key, wk, bk).view(-1, heads, dim // heads)
+        v = F.linear(value, wv, bv).view(-1, heads, dim // heads)
+        outs = []
+        for start, count, length in runs.runs:
+            rows = slice(start, start + count * length)
+            kg, vg = (x[rows].view(count, length, heads, -1).transpose(1, 2) for x in (k, v))
+            outs.append(F.scaled_dot_product_attention(q.expand(count, -1, -1, -1), kg, vg))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # [n, H, Q, hd]
+        return self.out_proj(out.transpose(1, 2).reshape(out.shape[0], n_q, dim))
 
 
 class Resampler(nn.Module):
@@ -73,14 +99,21 @@ class Resampler(nn.Module):
         self.max_size = (height, width)
         self.pos_embed = sincos_2d(self.embed_dim, height, width).to(device)
 
-    def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
-        """x `[B, Nmax, kv_dim]` (padded patches), tgt_sizes `[B, 2]` → `[B, Q, D]`."""
-        b, n_max = x.shape[:2]
-        sizes = tgt_sizes.tolist()
+    def _pos_table(self, sizes: list, device: torch.device) -> torch.Tensor:
         max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
         if max_h > self.max_size[0] or max_w > self.max_size[1]:
             self.reset_pos_embed(max(max_h, self.max_size[0]), max(max_w, self.max_size[1]))
-        pos_table = self.pos_embed.to(device=x.device)
+        return self.pos_embed.to(device=device)
+
+    def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """x `[B, Nmax, kv_dim]` (padded patches), tgt_sizes `[B, 2]` → `[B, Q, D]`.
+
+        `packed=True`: x `[T, kv_dim]`, the crops' patches back to back (no padding) → `[n_crops, Q, D]`."""
+        if packed:
+            return self._forward_packed(x, tgt_sizes)
+        b, n_max = x.shape[:2]
+        sizes = tgt_sizes.tolist()
+        pos_table = self._pos_table(sizes, x.device)
         padding = torch.ones(b, n_max, dtype=torch.bool, device=x.device)
         rows = []
         for i, (h, w) in enumerate(sizes):
@@ -91,4 +124,12 @@ class Resampler(nn.Module):
         x = self.ln_kv(self.kv_proj(x))
         q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
         out = self.attn(q, x + pos, x, padding if bool(padding.any()) else None)
+        return self.ln_post(out) @ self.proj
+
+    def _forward_packed(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        sizes = tgt_sizes.tolist()
+        pos_table = self._pos_table(sizes, x.device)
+        pos = torch.cat([pos_table[:h, :w].reshape(h * w, -1) for h, w in sizes]).to(x.dtype)
+        x = self.ln_kv(self.kv_proj(x))
+        out = self.attn(self.ln_q(self.query), x + pos, x, None, runs=CropRuns.from_sizes(tgt_sizes))
         return self.ln_post(out) @ self.proj

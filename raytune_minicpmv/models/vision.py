@@ -10,6 +10,14 @@ Padded patches are masked out of the attention with transformers' mask builder f
 (an additive float mask for eager, bool for SDPA, a 2-D padding mask for flash-attention), so a crop gives the same
 features alone as padded in a batch.
 
+Packed ("varlen") input, `forward(pixels, tgt_sizes, packed=True)`: the crops side by side with NO padding,
+`[1, 3, 14, T*14]` for T = sum of h*w, output `[T, C]`. Every per-patch op (patch conv, position embedding, layer
+norms, q/k/v/out projections, MLP) runs once over the T real patches; only the attention is per crop: `CropRuns`
+groups consecutive crops of the same patch count, and each group is one unmasked SDPA call over `[count, L]`
+(SDPA's fastest kernels need no mask, and no padded patch is computed anywhere). The caller sorts crops by
+length so that the groups are few (modeling.image_features). The attention has no weights, so the number of
+SDPA calls may differ between ranks under ZeRO-3; each weighted module still runs once per call.
+
 The encoder layers are transformers' `Idefics2EncoderLayer` (same math and state-dict names as the remote-code
 SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run transformers' attention
 implementations (eager, SDPA, flash-attention; the remote code runs eager) and support gradient checkpointing
@@ -18,9 +26,12 @@ through transformers' `GradientCheckpointingLayer`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Idefics2VisionConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
@@ -50,9 +61,76 @@ def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_p
     """
     out = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long)
     for i, (h, w) in enumerate(tgt_sizes.tolist()):
-        rows, cols = _bucket_coords(h, num_patches_per_side), _bucket_coords(w, num_patches_per_side)
-        out[i, : h * w] = (rows[:, None] * num_patches_per_side + cols).flatten()
+        out[i, : h * w] = _crop_position_ids(h, w, num_patches_per_side)
     return out.to(tgt_sizes.device)
+
+
+def _crop_position_ids(h: int, w: int, side: int) -> torch.Tensor:
+    rows, cols = _bucket_coords(h, side), _bucket_coords(w, side)
+    return (rows[:, None] * side + cols).flatten()
+
+
+def packed_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
+    """`[T]` position ids of crops packed side by side (crop i's h*w ids, then crop i+1's), on `tgt_sizes.device`."""
+    ids = [_crop_position_ids(h, w, num_patches_per_side) for h, w in tgt_sizes.tolist()]
+    return torch.cat(ids).to(tgt_sizes.device)
+
+
+@dataclass(frozen=True)
+class CropRuns:
+    """Runs of consecutive crops with the same patch count in a packed sequence: `(start, count, length)` each."""
+
+    runs: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def from_sizes(cls, tgt_sizes: torch.Tensor) -> "CropRuns":
+        runs: list[list[int]] = []
+        start = 0
+        for h, w in tgt_sizes.tolist():
+            n = h * w
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, n])
+            start += n
+        return cls(tuple(tuple(r) for r in runs))
+
+    @property
+    def total(self) -> int:
+        return sum(count * length for _, count, length in self.runs)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: CropRuns, scale: float,
+                      dropout: float = 0.0) -> torch.Tensor:
+    """Per-crop full attention over packed tokens: q/k/v `[T, H, D]` → `[T, H*D]`, one SDPA call per run."""
+    heads, dim = q.shape[1], q.shape[2]
+    outs = []
+    for start, count, length in runs.runs:
+        rows = slice(start, start + count * length)
+        qg, kg, vg = (x[rows].view(count, length, heads, dim).transpose(1, 2) for x in (q, k, v))
+        og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scale)
+        outs.append(og.transpose(1, 2).reshape(count * length, heads * dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def packed_encoder_layer(layer: nn.Module, hidden: torch.Tensor, runs: CropRuns) -> torch.Tensor:
+    """`Idefics2EncoderLayer`'s math on packed `[T, C]` hidden states, through the layer's own submodules (so LoRA,
+    PEFT wrappers and ZeRO-3 hooks on them apply); checkpointed when the layer has gradient checkpointing on."""
+    attn = layer.self_attn
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        x = layer.layer_norm1(h)
+        shape = (x.shape[0], attn.num_heads, attn.head_dim)
+        q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        dropout = attn.dropout if attn.training else 0.0
+        h = h + attn.out_proj(grouped_attention(q, k, v, runs, attn.scale, dropout))
+        return h + layer.mlp(layer.layer_norm2(h))
+
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        ckpt = getattr(layer, "_gradient_checkpointing_func", None) or functools.partial(checkpoint,
+                                                                                        use_reentrant=False)
+        return ckpt(run, hidden)
+    return run(hidden)
 
 
 class NavitEmbeddings(nn.Module):
@@ -96,7 +174,10 @@ class NavitSiglipVisionTower(nn.Module):
         self.encoder = NavitEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Padded `[B, 3, 14, Nmax*14]` → `[B, Nmax, C]`; `packed=True`: `[1, 3, 14, T*14]` → `[T, C]`."""
+        if packed:
+            return self._forward_packed(pixel_values, tgt_sizes)
         batch, n_max = pixel_values.shape[0], pixel_values.shape[-1] // self.config.patch_size
         side = self.embeddings.num_patches_per_side
         if self.legacy_strip_positions:
@@ -113,4 +194,20 @@ class NavitSiglipVisionTower(nn.Module):
         mask = None if valid is None else create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
                                                                     attention_mask=valid)
         hidden = self.encoder(hidden, mask)
+        return self.post_layernorm(hidden)
+
+    def _forward_packed(self, pixel_values: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        if self.legacy_strip_positions:
+            raise ValueError("packed (varlen) vision input is not available for the MiniCPM-Llama3-V 2.5 tower: its "
+                             "crops attend their padding (remote-code behaviour), so padding changes its output")
+        runs = CropRuns.from_sizes(tgt_sizes)
+        if pixel_values.dim() == 3:
+            pixel_values = pixel_values[None]
+        if pixel_values.shape[0] != 1 or pixel_values.shape[-1] != runs.total * self.config.patch_size:
+            raise ValueError(f"packed pixels {tuple(pixel_values.shape)}: expected [1, 3, {self.config.patch_size}, "
+                             f"{runs.total * self.config.patch_size}] for tgt_sizes {tgt_sizes.tolist()}")
+        position_ids = packed_position_ids(tgt_sizes, self.embeddings.num_patches_per_side)
+        hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device)[None])[0]  # [T, C]
+        for layer in self.encoder.layers:
+            hidden = packed_encoder_layer(layer, hidden, runs)
         return self.post_layernorm(hidden)

@@ -20,7 +20,9 @@ N the world size, each `/N` only from the stage that partitions it):
 Activations (bf16, per layer): no checkpointing 2·(10·d + 4·i) bytes per LLM token and 2·(10·d_v + 2·i_v) per
 vision patch (SDPA keeps no score matrix), calibrated on the issue-12 H200 runs (≈ 10 GiB per seed-shaped
 sample); checkpointing keeps 2·d bytes per layer input plus one layer's activations. Logits: 8 bytes × vocab per
-LLM token (bf16 logits + their gradient + the loss's fp32 chunk). The micro-batch's shape comes from the
+LLM token (bf16 logits + their gradient + the loss's fp32 chunk); with `model.fused_ce` (auto: on for native
+families) only one chunk of labelled rows exists at a time: 12 bytes × loss.CHUNK_ELEMENTS (bf16 logits, their
+fp32 copy, the fp32 and bf16 gradients). The micro-batch's shape comes from the
 preprocess report (longest sample, most crops per image) when the data is preprocessed, else from
 `data.model_max_length` and `data.max_slice_nums + 1` crops per sample. With `train.max_tokens_per_batch` the
 micro-batch is the budget's tokens and the crops the data's crops per token × budget (+25 %).
@@ -112,10 +114,19 @@ def estimate_bytes(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, sta
     bucket = b * ds.reduce_bucket_size * (2 if ds.overlap_comm else 1) if stage >= 2 else 0
     if stage == 3:
         bucket += b * ds.reduce_bucket_size * 0.9  # prefetch of gathered parameters
-    return int(weights + grads + optimizer + bucket + activation_bytes(size, mb, ckpt) + FIXED_OVERHEAD)
+    acts = activation_bytes(size, mb, ckpt, fused_ce=uses_fused_ce(cfg))
+    return int(weights + grads + optimizer + bucket + acts + FIXED_OVERHEAD)
 
 
-def activation_bytes(size: ModelSize, mb: MicroBatch, ckpt) -> int:
+def uses_fused_ce(cfg: Config) -> bool:
+    """`model.fused_ce` as models.kernels resolves it: auto is on for the natively implemented families."""
+    from ..models.registry import FAMILIES
+
+    fam = FAMILIES.get(cfg.model.family)
+    return cfg.model.fused_ce is True or (cfg.model.fused_ce == "auto" and fam is not None and not fam.blocked)
+
+
+def activation_bytes(size: ModelSize, mb: MicroBatch, ckpt, fused_ce: bool = False) -> int:
     """Bytes kept for backward by one micro-batch (bf16 activations; fp32 costs about twice, kept as a margin)."""
     patches = mb.crops * size.patches_per_crop
     per_patch_layer = 2 * (10 * size.vision_hidden + 2 * size.vision_intermediate)
@@ -128,6 +139,10 @@ def activation_bytes(size: ModelSize, mb: MicroBatch, ckpt) -> int:
     vision = vision_ckpt if ckpt in (True, "vision") else vision_full
     llm = llm_ckpt if ckpt in (True, "llm") else llm_full
     logits = 8 * size.vocab * mb.llm_tokens
+    if fused_ce:
+        from ..models.loss import CHUNK_ELEMENTS
+
+        logits = min(logits, 12 * CHUNK_ELEMENTS)
     return int(vision + llm + logits)
 
 

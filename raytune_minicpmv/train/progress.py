@@ -63,6 +63,7 @@ class StepReporter:
         self.meter, self.trackers, self.rank, self.world = meter, trackers, rank, world
         self.max_steps, self.progress, self.clock = max_steps, progress, clock
         self.window = torch.zeros(2, dtype=torch.float64)  # local loss sum, GLOBAL label tokens
+        self.device_loss = None  # the window's loss sum as the steps gave it (a device tensor: no per-step sync)
         self.lr = float("nan")
         self.first_step: Optional[int] = None
         self.loop_start = clock()
@@ -72,8 +73,9 @@ class StepReporter:
         self.first_step, self.loop_start = step, self.clock()
         self.meter.start()
 
-    def add_step(self, loss_sum: float, counts, step_s: float, wait_s: float, lr: float) -> None:
-        self.window[0] += loss_sum
+    def add_step(self, loss_sum, counts, step_s: float, wait_s: float, lr: float) -> None:
+        """`loss_sum`: a float, or a 0-dim tensor on the device, summed there (read at the next log step)."""
+        self.device_loss = loss_sum if self.device_loss is None else self.device_loss + loss_sum
         self.window[1] += counts.label_tokens  # counts are global already; the loss sum is reduced at log time
         self.lr = lr
         self.meter.add_step(counts, step_s, wait_s)
@@ -82,6 +84,9 @@ class StepReporter:
         """The window's metrics (collective: the loss sum is all-reduced), then a new window starts."""
         from .worker import all_reduce
 
+        if self.device_loss is not None:
+            self.window[0] += float(self.device_loss)
+            self.device_loss = None
         loss_sum = float(all_reduce(self.window[:1].clone(), engine.device)[0])
         grad = engine.get_global_grad_norm()
         metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch,

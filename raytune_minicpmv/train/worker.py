@@ -163,6 +163,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     from .engine_plan import local_capacity_bytes, plan_engine
     from ..models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
     from ..models.registry import as_torch_dtype
+    from ..models.kernels import compile_vision_layers, configure_kernels
     from .profiling import attach_profiler
 
     torch.manual_seed(cfg.run.seed)  # same LoRA init on every rank
@@ -195,7 +196,11 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
         backend = resolve_packed_attention(cfg.model.packed_attention, cfg.scaling.use_gpu, dtype)
         say(f"packed rows: LLM attention {backend} (model.packed_attention={cfg.model.packed_attention})")
         use_packed_attention(model, backend)
+    kernels = configure_kernels(model, cfg.model, cfg.scaling.use_gpu)  # before PEFT (which copies vpm)
+    say(kernels.describe())
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
+    if kernels.compile_vision:
+        compile_vision_layers(model)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
     enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant
@@ -272,10 +277,13 @@ def epoch_batches(shard, cfg: Config, collate, drop_last: bool) -> Iterator[dict
 
 
 def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
-    """One optimizer step; returns (local loss sum, global StepCounts, step s, data-wait s, lr applied)."""
+    """One optimizer step; returns (local loss sum as a 0-dim float64 tensor on the engine's device, global
+    StepCounts, step s, data-wait s, lr applied)."""
 
-    from ..models import compute_loss
+    from ..models.kernels import uses_fused_loss
+    from ..models.loss import batch_loss, with_label_positions
 
+    fused = uses_fused_loss(engine.module)  # model.fused_ce: the loss from hidden states, no logits
     with Timer() as step_t:
         with Timer() as wait_t:
             micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
@@ -285,15 +293,14 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         # the global token count of this step (the loss denominator) and the throughput counts, in one collective
         counts = StepCounts.from_tensor(all_reduce(local.as_tensor(), engine.device))
         scale = world / max(counts.label_tokens, 1.0)
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)  # read at log steps only
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
-            b = to_device(b, engine.device)
-            logits = engine(b).logits
-            loss_sum, _ = compute_loss(logits, b["labels"])
+            b = to_device(with_label_positions(b) if fused else b, engine.device)
+            loss_sum, _ = batch_loss(engine, b, fused)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
-            loss_total += float(loss_sum.detach())
+            loss_total += loss_sum.detach().double()  # stays on the device: no host sync per micro-batch
     return loss_total, counts, step_t.seconds, wait_t.seconds, lr
 
 
@@ -306,8 +313,9 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     """
     import torch.distributed as dist
 
-    from ..models import compute_loss
     from ..data.pipeline import collate
+    from ..models.kernels import uses_fused_loss
+    from ..models.loss import batch_loss
 
     shard = dataset_shard("eval")
     if shard is None:
@@ -323,7 +331,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
         if not have.item():
             break
         b = to_device(batch, engine.device)
-        loss_sum, n_tok = compute_loss(engine(b).logits, b["labels"])
+        loss_sum, n_tok = batch_loss(engine, b, uses_fused_loss(engine.module))
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
         n += 1
     engine.train()

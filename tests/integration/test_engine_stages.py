@@ -44,7 +44,7 @@ def run_steps(ckpt, batches, *overrides, steps=2):
                       check_paths=False)
     engine, model = build_engine(cfg, say=print)  # say: what the worker gives rank 0 (its progress printer)
     it = itertools.cycle(batches)
-    losses = [train_step(engine, it, cfg, world=1)[0] for _ in range(steps)]
+    losses = [float(train_step(engine, it, cfg, world=1)[0]) for _ in range(steps)]
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return losses, trained, engine
 

@@ -4,6 +4,9 @@ text-only batch and rank 1 a batch with two crops (with vision_batch_size 1, whi
 calls under ZeRO-3), so the dummy-image path and the single vision call must keep both ranks' ZeRO-3 all-gathers of
 the vision tower in step (otherwise this test crashes with a gloo size mismatch or hangs and the timeout fails it).
 
+The step runs the training defaults (packed vision, fused loss: each rank calls lm_head once) and its loss sum
+must equal the padded / logits path's on the same weights.
+
 Also loads the checkpoint with `load_model` while an `HfDeepSpeedConfig` is alive (how train.py builds the
 model) and checks the gathered partitions equal the file's tensors.
 
@@ -50,6 +53,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     import deepspeed
 
     from raytune_minicpmv.models import compute_loss, enable_gradient_checkpointing, get_family
+    from raytune_minicpmv.models.loss import batch_loss, with_label_positions
     from raytune_minicpmv.models.registry import read_config_json
 
     torch.manual_seed(0)
@@ -68,7 +72,11 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
     batch = _batch(rank, config.query_num)
-    loss_sum, n_tokens = compute_loss(engine(batch).logits, batch["labels"])
+    with torch.no_grad():  # the reference: padded vision, loss from logits
+        plain_sum, _ = compute_loss(engine(batch).logits, batch["labels"])
+    # the training defaults (models/kernels.py): packed vision and the fused loss, one lm_head call per rank
+    model.vision_varlen, model.fused_ce = True, True
+    loss_sum, n_tokens = batch_loss(engine, with_label_positions(batch), fused=True)
     loss = loss_sum / n_tokens
     engine.backward(loss)
     engine.step()
@@ -92,7 +100,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     with deepspeed.zero.GatheredParameters([params[n] for n in names]):
         loaded_ok = all(torch.equal(params[n].detach(), ref[n]) for n in names)
     loaded_partitioned = all(hasattr(p, "ds_numel") for p in loaded.parameters())
-    result = {"loss": float(loss), "partitioned": partitioned, "query_sum": query_sum, "loaded_ok": loaded_ok, "eval_ok": eval_logits_finite,
+    result = {"loss": float(loss), "plain_sum": float(plain_sum), "fused_sum": float(loss_sum), "partitioned": partitioned, "query_sum": query_sum, "loaded_ok": loaded_ok, "eval_ok": eval_logits_finite,
               "loaded_partitioned": loaded_partitioned,
               "local_numel": sum(p.numel() for p in model.parameters()),
               "full_numel": sum(p.ds_numel for p in model.parameters())}
@@ -115,4 +123,6 @@ def test_zero3_init_forward_backward_step(tmp_path):
     assert r0["local_numel"] < r0["full_numel"]  # each rank holds only its shard
     assert torch.isfinite(torch.tensor([r0["loss"], r1["loss"]])).all()
     assert r0["loss"] != r1["loss"]  # different batches (text-only vs with images)
+    for r in (r0, r1):  # packed vision + fused loss under ZeRO-3 = padded vision + loss from logits
+        assert abs(r["fused_sum"] - r["plain_sum"]) <= 1e-5 * abs(r["plain_sum"])
     assert r0["query_sum"] == r1["query_sum"]  # the stepped, gathered resampler weights agree across ranks

@@ -42,8 +42,22 @@ def test_image_heavy_batch_checkpoints_the_vision_tower_first():
 
 def test_text_heavy_batch_checkpoints_the_llm_first():
     mb = MicroBatch(llm_tokens=4 * 4096, crops=4)  # long text, few images
-    plan = choose(cfg(), BENCH, mb, world=1, capacity_bytes=A100_80)
+    plan = choose(cfg("model.fused_ce=false"), BENCH, mb, world=1, capacity_bytes=A100_80)
     assert (plan.stage, plan.ckpt) == (0, "llm")
+
+
+def test_fused_ce_counts_one_loss_chunk_instead_of_the_whole_logits():
+    """model.fused_ce (auto: on) drops the [tokens, vocab] logits from the estimate: the issue-12 micro-batch of 8
+    then fits the H200 without recompute (the logits path needs vision checkpointing there)."""
+    from raytune_minicpmv.models.loss import CHUNK_ELEMENTS
+
+    mb = MicroBatch(llm_tokens=8 * 942, crops=8 * 10)
+    plain = estimate_bytes(cfg("model.fused_ce=false"), BENCH, mb, 1, 0, False)
+    for fused in ("true", "auto"):
+        got = estimate_bytes(cfg(f"model.fused_ce={fused}"), BENCH, mb, 1, 0, False)
+        assert plain - got == 8 * 151_666 * mb.llm_tokens - 12 * CHUNK_ELEMENTS
+    assert choose(cfg(), BENCH, mb, world=1, capacity_bytes=H200).ckpt is False
+    assert choose(cfg("model.fused_ce=false"), BENCH, mb, world=1, capacity_bytes=H200).ckpt == "vision"
 
 
 def test_full_finetune_of_8b_on_8_cards_partitions_only_as_far_as_needed():
