@@ -283,9 +283,10 @@ def test_image_tokens_too_long_only_when_they_exceed_max_length(real26):
         tokenize_record(rec, plans, QWEN, real26, 665)
 
 
-def test_tokenizer_info_reads_the_marker_ids_and_the_control_tokens(real26):
+def test_tokenizer_info_load_reads_the_marker_ids_and_the_control_tokens():
     from raytune_minicpmv.data.templates import ALLOWED_IN_TEXT
 
+    real26 = TokenizerInfo.load(ASSETS / "minicpmv26_tokenizer")  # loaded here, not by the shared fixture
     t = real26.tokenizer
     ids = [t.convert_tokens_to_ids(m) for m in ("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "<unk>")]
     assert [real26.im_start, real26.im_end, real26.slice_start, real26.slice_end, real26.im_id_start,
@@ -388,3 +389,14 @@ def test_malformed_image_spans_are_reported():
     with pytest.raises(ValueError, match=r"^found 1 image spans for 5 crops$"):  # placeholders and plans disagree
         finish(_rec([]), good, np.ones(len(good), bool), [plan_slices((1024, 768))],
                ModelSpec("qwen2", query_num=4, use_image_id=False), tok, 64)
+
+
+def test_an_added_special_token_is_a_control_token_even_when_not_listed_as_special(tiny):
+    import copy
+
+    from tokenizers import AddedToken
+
+    t = copy.deepcopy(tiny["llama3"].tokenizer)
+    t.add_tokens([AddedToken("<|tool_call|>", special=True)])  # special, but not in the special-tokens map
+    assert "<|tool_call|>" not in t.all_special_tokens
+    assert "<|tool_call|>" in TokenizerInfo.wrap(t).control
