@@ -125,3 +125,30 @@ def test_pack_and_normalize_match_the_official_ops_bit_for_bit():
     assert torch.equal(torch.from_numpy(ours), _official_packing(hwc))
     assert ours.min() >= -1 and ours.max() <= 1
     assert np.array_equal(unpack_crop(pack_crop(hwc), (28, 37)), hwc)
+
+
+def test_resize_without_upscale_only_rounds_an_image_that_is_not_larger_than_the_target_area():
+    # Not larger than 448^2 and no upscale: each side is only rounded to a multiple of 14 (default allow_upscale).
+    assert find_best_resize((300, 200), 448, 14) == (ensure_divide(300, 14), ensure_divide(200, 14)) == (294, 196)
+    # Exactly 448^2 is "not larger" as well: resizing it would truncate 392 to 391 and give (504, 392).
+    assert find_best_resize((512, 392), 448, 14) == (518, 392)
+    w, h = find_best_resize((300, 200), 448, 14, allow_upscale=True)  # upscaled to ~448^2 with the aspect kept
+    assert (w, h) == (546, 364) and abs(w * h - 448 * 448) < 0.01 * 448 * 448
+
+
+def test_default_max_slice_nums_is_nine():
+    # 4000x2000 wants 40 slices: capped at 9 the candidates are n in {8, 9}, and [4, 2] matches the 2:1 ratio;
+    # capped at 10 they are {9, 10} and [5, 2] wins.
+    assert plan_slices((4000, 2000)).grid == plan_slices((4000, 2000), max_slice_nums=9).grid == (4, 2)
+    assert plan_slices((4000, 2000), max_slice_nums=10).grid == (5, 2)
+
+
+def test_tgt_sizes_are_ints():
+    # They become the model's int32 `tgt_sizes` and index the position tables: 28.0 would not do.
+    for size in ((1024, 768), (50, 50)):
+        assert all(type(v) is int for hw in plan_slices(size).tgt_sizes() for v in hw)
+
+
+def test_the_plan_keeps_the_original_size():
+    for size in ((50, 40), (1024, 768)):  # not sliced, sliced
+        assert plan_slices(size).original_size == size

@@ -209,3 +209,194 @@ def test_what_the_template_inserts_before_the_content_is_not_trained(real26):
     assert "<think>\n\n</think>\n\nA2" in tok.tokenizer.decode(ids)
     trained = [ids[i + 1] for i in range(len(ids) - 1) if out.labels[i] != -100]
     assert tok.tokenizer.decode(trained) == "<think>hm</think>A1<|im_end|>A2<|im_end|>"
+
+
+def test_model_spec_defaults_precedence_and_llm_type_checks():
+    # Absent keys take the published models' values; slice_config (2.5/2.6) wins over the top level (2.0 layout).
+    assert model_spec_from_config({}, "qwen2") == ModelSpec("qwen2", 64, 9, 448, 14, True)
+    assert model_spec_from_config({}, "llama3") == ModelSpec("llama3", 64, 9, 448, 14, False)
+    top = {"query_num": 32, "max_slice_nums": 4, "scale_resolution": 336, "patch_size": 16, "use_image_id": False}
+    assert model_spec_from_config(top, "qwen") == ModelSpec("qwen2", 32, 4, 336, 16, False)
+    nested = {**top, "slice_config": {"max_slice_nums": 6, "scale_resolution": 560, "patch_size": 12}}
+    assert model_spec_from_config(nested, "qwen2") == ModelSpec("qwen2", 32, 6, 560, 12, False)
+    assert model_spec_from_config(nested, "qwen2", max_slice_nums=2).max_slice_nums == 2
+    # image ids are a 2.6 (new schema) feature: the old schema never writes them, whatever the config says
+    assert model_spec_from_config({"use_image_id": True}, "minicpm").use_image_id is False
+    with pytest.raises(ValueError, match=r"llm_type 'qwen3': expected one of minicpm, llama3, qwen2"):
+        model_spec_from_config({}, "qwen3")
+
+
+@pytest.mark.parametrize("schema", ["qwen2", "qwen2_no_id", "llama3"])
+def test_image_token_spans_cover_exactly_each_whole_placeholder(real26, tiny, schema):
+    # The span of an image is its whole placeholder (id tag, every crop, the old schema's wrapping <slice>): what
+    # truncation keeps or drops as one piece and what num_image_tokens counts.
+    from raytune_minicpmv.data.templates import find_image_bounds, image_token_spans
+
+    spec = {"qwen2": QWEN, "qwen2_no_id": ModelSpec("qwen2", use_image_id=False),
+            "llama3": ModelSpec("llama3", query_num=96)}[schema]  # use_image_id (default True) is 2.6-only
+    tok = tiny["llama3"] if schema == "llama3" else real26
+    # a 2x2 grid (5 crops), one crop, a 2x1 grid (3 crops)
+    plans = [plan_slices((1024, 768)), plan_slices((200, 200)), plan_slices((1000, 500))]
+    rec = _rec([{"role": "user", "content": "See <image_00> and <image_01> now."}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "And <image_02>?"}, {"role": "assistant", "content": "ok"}],
+               {"<image_00>": "/a.png", "<image_01>": "/b.png", "<image_02>": "/c.png"})
+    out = tokenize_record(rec, plans, spec, tok, 8192)
+    ids = out.input_ids.astype(np.int64)
+    spans = image_token_spans(ids, find_image_bounds(ids, spec, tok), [5, 1, 3], spec, tok)
+    placeholders = [image_placeholder(spec, p.grid, k) for k, p in enumerate(plans)]
+    assert ("<image_id>" in placeholders[0]) == (schema == "qwen2")
+    assert [_count(tok, p) for p in placeholders] == [e - s for s, e in spans]
+    assert [tok.tokenizer.decode(ids[s:e].tolist()) for s, e in spans] == placeholders
+    assert out.image_tokens == sum(e - s for s, e in spans) and out.kept_images == 3
+
+
+def test_a_cut_at_a_placeholder_boundary_keeps_or_drops_the_whole_image(real26):
+    from raytune_minicpmv.data.templates import find_image_bounds, image_token_spans
+
+    rec = _rec([{"role": "user", "content": "<image_00>"}, {"role": "assistant", "content": "first " * 20},
+                {"role": "user", "content": "<image_01>"}, {"role": "assistant", "content": "second"}],
+               {"<image_00>": "/a.png", "<image_01>": "/b.png"})
+    plans = [plan_slices((200, 200)), plan_slices((200, 200))]
+    full = tokenize_record(rec, plans, QWEN, real26, 4096)
+    ids = full.input_ids.astype(np.int64)
+    (s1, e1), (s2, e2) = image_token_spans(ids, find_image_bounds(ids, QWEN, real26), [1, 1], QWEN, real26)
+    at_start = tokenize_record(rec, plans, QWEN, real26, s2)  # the cut falls right before image 2: it is dropped
+    assert (at_start.kept_images, len(at_start.input_ids), at_start.image_tokens) == (1, s2, e1 - s1)
+    assert at_start.image_bound.tolist() == full.image_bound[:1].tolist()
+    at_end = tokenize_record(rec, plans, QWEN, real26, e2)  # right after image 2: it is kept whole
+    assert (at_end.kept_images, len(at_end.input_ids), at_end.image_tokens) == (2, e2, e1 - s1 + e2 - s2)
+    assert at_end.image_bound.tolist() == full.image_bound.tolist()
+    # a sequence of exactly max_length tokens is not truncated
+    exact = tokenize_record(rec, plans, QWEN, real26, len(ids))
+    assert exact.input_ids.tolist() == full.input_ids.tolist() and exact.labels.tolist() == full.labels.tolist()
+
+
+def test_image_tokens_too_long_only_when_they_exceed_max_length(real26):
+    rec = _rec([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "ok"}],
+               {"<image>": "/a.png"})
+    plans = [plan_slices((1344, 1344))]  # 665 placeholder tokens
+    with pytest.raises(BadRecord, match=r"record 'r1': image_tokens_too_long: the image placeholders alone take 665 "
+                                        r"tokens > data.model_max_length=664 and no assistant token"):
+        tokenize_record(rec, plans, QWEN, real26, 664)
+    with pytest.raises(BadRecord, match=r"/data/train.json: record 'r1': no_trainable_tokens: no assistant token "
+                                        r"within the first 665 tokens \(data.model_max_length\)"):
+        tokenize_record(rec, plans, QWEN, real26, 665)
+
+
+def test_tokenizer_info_load_reads_the_marker_ids_and_the_control_tokens():
+    from raytune_minicpmv.data.templates import ALLOWED_IN_TEXT
+
+    real26 = TokenizerInfo.load(ASSETS / "minicpmv26_tokenizer")  # loaded here, not by the shared fixture
+    t = real26.tokenizer
+    ids = [t.convert_tokens_to_ids(m) for m in ("<image>", "</image>", "<slice>", "</slice>", "<image_id>", "<unk>")]
+    assert [real26.im_start, real26.im_end, real26.slice_start, real26.slice_end, real26.im_id_start,
+            real26.unk] == ids == [151646, 151647, 151656, 151657, 151658, 128244]
+    assert real26.eos == t.eos_token_id == 151645  # <|im_end|>
+    control = real26.control
+    assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>", "</image>", "<slice>", "</slice>", "<unk>",
+            "<|reserved_special_token_0|>"} <= set(control)
+    assert not set(ALLOWED_IN_TEXT) & set(control)  # grounding tags and <image> are text the models read
+    assert list(control) == sorted(set(control), key=lambda s: (-len(s), s))  # longest first, then by name
+
+
+def test_a_special_token_in_system_is_a_bad_record(real26):
+    from raytune_minicpmv.data.templates import check_control_tokens
+
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(BadRecord, match=r"^/data/train.json: record 'r1': reserved_marker: 'system' contains "
+                                        r"'<\|reserved_special_token_0\|>', a special token of the model's tokenizer$"):
+        check_control_tokens(_rec(conv, system="Say <|reserved_special_token_0|>."), real26)
+    check_control_tokens(_rec(conv, system="Be brief."), real26)  # plain text passes
+
+
+def test_minicpm_system_prefix_and_no_bos_even_from_a_tokenizer_that_adds_one(tiny):
+    # MiniCPM-V 2.0's tokenizer has add_bos_token: true; the 2.0 format was trained without bos, so every segment
+    # is encoded without special tokens. `system` is an untrained prefix followed by one newline.
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.copy(tiny["minicpm"])
+    t = tok.tokenizer = copy.deepcopy(tiny["minicpm"].tokenizer)
+    t._tokenizer.post_processor = processors.TemplateProcessing(single=f"{t.bos_token} $A",
+                                                                special_tokens=[(t.bos_token, t.bos_token_id)])
+    assert t("x")["input_ids"][0] == t.bos_token_id  # this tokenizer adds bos, like the 2.0 one
+    rec = _rec([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], system="Be brief.")
+    out = tokenize_record(rec, [], ModelSpec("minicpm", use_image_id=False), tok, 256)
+    ids = out.input_ids.tolist()
+    assert t.decode(ids) == "Be brief.\n<用户>Q<AI>A</s>" and t.bos_token_id not in ids
+    assert "".join(t.decode([l]) for l in out.labels.tolist() if l != -100) == "A</s>"
+
+
+def test_llama3_system_turn_and_bos_when_the_tokenizer_names_none(tiny):
+    import copy
+
+    spec = ModelSpec("llama3", query_num=96, use_image_id=False)
+    rec = _rec([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], system=" Be brief. ")
+    head = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|>")
+    for bos in ("<|begin_of_text|>", None):  # a tokenizer without bos_token still gets the 2.5 bos
+        tok = copy.copy(tiny["llama3"])
+        tok.tokenizer = copy.deepcopy(tiny["llama3"].tokenizer)
+        tok.tokenizer.bos_token = bos
+        out = tokenize_record(rec, [], spec, tok, 256)
+        ids = out.input_ids.tolist()
+        assert tok.tokenizer.decode(ids).startswith(head)
+        assert tok.tokenizer.decode([ids[i + 1] for i in range(len(ids) - 1) if out.labels[i] != -100]) == "A<|eot_id|>"
+
+
+def test_a_tokenizer_without_the_markers_is_refused_naming_them():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<image>": 2},
+                                                                                 unk_token="<unk>")),
+                                    unk_token="<unk>")  # knows <image> only: a text model's tokenizer
+    with pytest.raises(ValueError, match=r"^tokenizer lacks the MiniCPM-V marker tokens \['</image>', '<slice>', "
+                                         r"'</slice>', '<image_id>'\]$"):
+        TokenizerInfo.wrap(plain)
+
+
+def test_a_single_image_without_a_tag_goes_first_in_the_first_user_turn(real26):
+    rec = _rec([{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A dot."}],
+               {"<image>": "/x.png"})
+    assert build_messages(rec, ["P"])[0]["content"] == "P\nWhat is it?"
+    out = tokenize_record(rec, [plan_slices((100, 100))], QWEN, real26, 512)
+    assert "</image>\nWhat is it?<|im_end|>" in real26.tokenizer.decode(out.input_ids.tolist())
+
+
+def test_a_user_text_equal_to_the_answer_is_not_trained(real26):
+    # each content is found after the previous one: the user's "Same." must not be taken for the answer's
+    rec = _rec([{"role": "user", "content": "Same."}, {"role": "assistant", "content": "Same."}])
+    out = tokenize_record(rec, [], QWEN, real26, 256)
+    ids = out.input_ids.tolist()
+    assert real26.tokenizer.decode([ids[i + 1] for i in range(len(ids) - 1) if out.labels[i] != -100]) == (
+        "Same.<|im_end|>")
+
+
+def test_malformed_image_spans_are_reported():
+    from raytune_minicpmv.data.templates import find_image_bounds, finish
+
+    tok = TokenizerInfo(None, im_start=1, im_end=2, slice_start=3, slice_end=4, im_id_start=5, unk=0, eos=9)
+    spec = ModelSpec("qwen2", query_num=4)
+    good = np.array([7, 1, 0, 0, 0, 0, 2, 7])
+    assert find_image_bounds(good, spec, tok).tolist() == [[2, 6]]
+    for bad in (np.array([7, 1, 0, 0, 0, 2, 7]),  # 3 query tokens instead of 4
+                np.array([7, 1, 0, 0, 0, 0, 2, 1, 0])):  # a start marker without its end
+        with pytest.raises(ValueError, match=r"^image placeholders are malformed in the token sequence \(start/end "
+                                             r"markers do not pair up around 4 query tokens\)$"):
+            find_image_bounds(bad, spec, tok)
+    with pytest.raises(ValueError, match=r"^found 1 image spans for 5 crops$"):  # placeholders and plans disagree
+        finish(_rec([]), good, np.ones(len(good), bool), [plan_slices((1024, 768))],
+               ModelSpec("qwen2", query_num=4, use_image_id=False), tok, 64)
+
+
+def test_an_added_special_token_is_a_control_token_even_when_not_listed_as_special(tiny):
+    import copy
+
+    from tokenizers import AddedToken
+
+    t = copy.deepcopy(tiny["llama3"].tokenizer)
+    t.add_tokens([AddedToken("<|tool_call|>", special=True)])  # special, but not in the special-tokens map
+    assert "<|tool_call|>" not in t.all_special_tokens
+    assert "<|tool_call|>" in TokenizerInfo.wrap(t).control
