@@ -198,9 +198,10 @@ def _dashboard_url() -> str:
 
 
 def pending_resources_loop(stop: threading.Event, poll: Callable[[], Optional[str]], interval_s: float,
-                           after_s: float, emit: Callable[[str], None] = print) -> None:
-    """Emit `poll()`'s line once something has been pending for `after_s`, then on every change and at least every
-    10 × interval; stop when `stop` is set. `poll` returns None when nothing is pending."""
+                           after_s: float, repeat_s: float = 30.0, emit: Callable[[str], None] = print) -> None:
+    """Emit `poll()`'s line once something has been pending for `after_s` (placement groups are pending for a moment
+    even on a cluster that has the resources), then on every change and at least every `repeat_s`; stop when `stop`
+    is set. `poll` returns None when nothing is pending."""
     since, last, last_t = None, None, 0.0
     while not stop.wait(interval_s):
         try:
@@ -215,13 +216,13 @@ def pending_resources_loop(stop: threading.Event, poll: Callable[[], Optional[st
             since, last = None, None
             continue
         since = since or now
-        if now - since >= after_s and (line != last or now - last_t >= 10 * interval_s):
+        if now - since >= after_s and (line != last or now - last_t >= repeat_s):
             emit(line)
             last, last_t = line, now
 
 
 @contextlib.contextmanager
-def pending_resources_watch(cfg: Config, interval_s: float = 5.0, after_s: float = 5.0) -> Iterator[None]:
+def pending_resources_watch(cfg: Config, interval_s: float = 1.0, after_s: float = 2.0) -> Iterator[None]:
     """Around `fit()`: print what our pending placement groups wait for (needs the dashboard's State API)."""
     capacity = cluster_capacity(cfg)
 
@@ -234,7 +235,7 @@ def pending_resources_watch(cfg: Config, interval_s: float = 5.0, after_s: float
 
     stop = threading.Event()
     emit = lambda line: print(line, flush=True)  # noqa: E731
-    thread = threading.Thread(target=pending_resources_loop, args=(stop, poll, interval_s, after_s, emit),
+    thread = threading.Thread(target=pending_resources_loop, args=(stop, poll, interval_s, after_s, 30.0, emit),
                               name="pending-resources", daemon=True)
     thread.start()
     try:
