@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,27 @@ from ..config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the cluster config on the head
+
+# Ray Data's own cluster autoscaler (RATE_BASED in Ray 2.60) asks the Ray autoscaler for more nodes whenever the
+# cluster's utilization passes 50 %, and re-sends that request for its executor's lifetime plus 180 s. With
+# cluster.yaml (no CPU worker type) that boots GPU nodes for the CPU preprocessing and keeps the trials' GPU nodes up
+# after training (seen in tests/integration/test_autoscaling.py). Our Ray Data work is sized for the nodes that are
+# there (the head; the Train workers' nodes), so it never asks: its scale-up thresholds are set above any
+# utilization. Environment variables, because Ray Data reads them when it is imported; a value set by the operator
+# wins.
+RAY_DATA_NO_SCALE_UP = {f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_{kind}_UTIL_THRESHOLD": "1000000"
+                        for kind in ("CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY")}
+
+
+def ray_data_scale_up_env() -> dict[str, str]:
+    """The variables above, with the operator's own values where set (for `runtime_env_vars`)."""
+    return {k: os.environ.get(k, v) for k, v in RAY_DATA_NO_SCALE_UP.items()}
+
+
+def keep_ray_data_from_scaling() -> None:
+    """In the driver, before `ray.data` is imported (cli.main)."""
+    for key, value in RAY_DATA_NO_SCALE_UP.items():
+        os.environ.setdefault(key, value)
 _IGNORED = ("memory", "object_store_memory")  # node sizes, not what our workers ask for
 
 

@@ -140,3 +140,27 @@ def test_the_pending_loop_reports_a_wait_then_its_end():
     pending_resources_loop(stop, poll, interval_s=0.001, after_s=0.0, emit=lines.append)
     # printed when it starts and when it changes, not on every poll; then once when it is over
     assert lines == ["waiting A", "waiting B", "resources: the pending placement groups are placed"]
+
+
+def test_ray_data_never_asks_the_autoscaler_for_nodes():
+    """Ray Data's rate-based cluster autoscaler asked for more (GPU) nodes once utilization passed 50 % and kept the
+    request for 180 s after its executor ended, so the trials' nodes outlived the idle timeout. The CLI and every
+    worker of our runs get thresholds that no utilization reaches (Ray Data reads them at import)."""
+    import subprocess
+    import sys
+
+    from raytune_minicpmv import cluster
+    from raytune_minicpmv.cluster.capacity import RAY_DATA_NO_SCALE_UP
+
+    assert RAY_DATA_NO_SCALE_UP.items() <= cluster.runtime_env_vars(_cfg()).items()
+    code = ("import os\n"
+            "from raytune_minicpmv.cli import main\n"
+            "try:\n    main(['configs', 'ls'])\nexcept SystemExit:\n    pass\n"
+            "from ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler import "
+            "RateBasedClusterAutoscaler as R\n"
+            "from ray.data._internal.cluster_autoscaler.resource_utilization_gauge import ClusterUtil\n"
+            "print(R._is_cluster_utilization_low(type('A', (), {'_cluster_scaling_up_util_threshold': "
+            "R.DEFAULT_CLUSTER_SCALING_UP_UTIL_THRESHOLD})(), ClusterUtil(1.0, 1.0, 1.0, 1.0)))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_DATA_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stdout + out.stderr  # a full cluster is "low"
