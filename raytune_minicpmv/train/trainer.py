@@ -83,6 +83,9 @@ def _run_locked(cfg: Config) -> dict:
 
             note_sigint(stopped)
             result = None
+    from ..cluster.capacity import release_autoscaling_requests
+
+    release_autoscaling_requests()  # the workers' GPU nodes may go (idle timeout)
     if stopped.signum:
         _raise_interrupted(cfg, stopped.name)
     summary = summarize(cfg, result, wall_s=time.time() - started)

@@ -65,6 +65,9 @@ def _run_locked(cfg: Config) -> dict:
             note_sigint(stopped)
             results = None
     elapsed = time.time() - t0
+    from ..cluster.capacity import release_autoscaling_requests
+
+    release_autoscaling_requests()  # the trials' GPU nodes may go (idle timeout) while we report and merge
     _raise_if_incomplete(results, stopped, exp_dir)
 
     trials = collect_trials(results, cfg)
