@@ -37,8 +37,8 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the clus
 
 # Ray Data's own cluster autoscaler (RATE_BASED in Ray 2.60) asks the Ray autoscaler for more nodes whenever the
 # cluster's utilization passes 50 %, and re-sends that request for its executor's lifetime plus 180 s. With
-# cluster.yaml (no CPU worker type) that boots GPU nodes for the CPU preprocessing and keeps the trials' GPU nodes up
-# after training (seen in tests/integration/test_autoscaling.py). Our Ray Data work is sized for the nodes that are
+# cluster.yaml (no CPU worker type) that can boot GPU nodes for the CPU preprocessing (tests/integration/
+# test_autoscaling.py launched a third node before this was set). Our Ray Data work is sized for the nodes that are
 # there (the head; the Train workers' nodes), so it never asks: its scale-up thresholds are set above any
 # utilization. Environment variables, because Ray Data reads them when it is imported; a value set by the operator
 # wins.

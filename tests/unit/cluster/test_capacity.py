@@ -143,9 +143,9 @@ def test_the_pending_loop_reports_a_wait_then_its_end():
 
 
 def test_ray_data_never_asks_the_autoscaler_for_nodes():
-    """Ray Data's rate-based cluster autoscaler asked for more (GPU) nodes once utilization passed 50 % and kept the
-    request for 180 s after its executor ended, so the trials' nodes outlived the idle timeout. The CLI and every
-    worker of our runs get thresholds that no utilization reaches (Ray Data reads them at import)."""
+    """Ray Data's rate-based cluster autoscaler asks for more nodes (on cluster.yaml: GPU nodes) once utilization
+    passes 50 %. The CLI and every worker of our runs get thresholds that no utilization reaches (Ray Data reads
+    them at import); before, a full cluster was not "low" and triggered a request."""
     import subprocess
     import sys
 
