@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .cluster import log_control
+    from .cluster.capacity import keep_ray_data_from_scaling
+
+    keep_ray_data_from_scaling()  # before ray.data is imported: Ray Data never asks the autoscaler for nodes
 
     log_control.configure(args.log_level)
     try:

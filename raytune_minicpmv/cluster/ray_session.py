@@ -51,6 +51,9 @@ def runtime_env_vars(cfg: Config) -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     env.update(log_control.worker_env())  # --log-level, applied in every worker by log_control.WORKER_HOOK
+    from .capacity import ray_data_scale_up_env
+
+    env.update(ray_data_scale_up_env())  # Train's data feed (its SplitCoordinator actor) never asks for nodes
     return env
 
 

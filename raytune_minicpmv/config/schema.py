@@ -35,6 +35,10 @@ class RayConfig:
     include_dashboard: bool = True  # Tune+ASHA needs the State API to free stopped trials' placement groups
     worker_group_start_timeout_s: float = 900.0  # long enough for the autoscaler to bring up GPU nodes
     driver_resource: str = "trial_driver"  # custom resource of the CPU head; drivers/merge/job ask for 1 if present
+    # the autoscaler's cluster config (YAML/JSON: available_node_types, max_workers): what the cluster can grow to.
+    # None: the autoscaler's own report (autoscaler v2, KubeRay), else ~/ray_bootstrap_config.yaml on the driver's
+    # node (the head of `ray up cluster.yaml`), else the cluster is taken as fixed; "": never autoscaling
+    autoscaling_config: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,11 @@ class ScalingConfig:
     use_gpu: bool = True
     cpus_per_worker: float = 8.0  # sets the worker's thread count (OMP_NUM_THREADS); 1 starves the data loader
     accelerator_type: Optional[str] = None  # e.g. H100: lands workers on that card type
-    # train: the driver checks ray.cluster_resources() covers the workers; false on autoscaling clusters whose
-    # GPU nodes are not up yet
+    # extra Ray resources per train worker, e.g. {gpu_standin: 1} (a custom resource that stands in for a GPU, so
+    # CPU workers land on the nodes that advertise it: the simulated autoscaling cluster of docs/CLUSTER.md)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # the driver checks the cluster can hold the workers: on an autoscaling cluster against what it can grow to
+    # (ray.autoscaling_config), with a warning while they are not up yet; false skips the check
     check_resources: bool = True
 
 
@@ -237,9 +244,10 @@ class Config:
     def worker_resources(self) -> dict[str, float]:
         """Ray resources of one train worker: one GPU + its CPUs, or (CPU-only) a CPU share that leaves room for
         Ray Data's tasks (a CPU cluster whose workers take every CPU never schedules the data pipeline)."""
+        extra = dict(self.scaling.resources_per_worker)
         if self.scaling.use_gpu:
-            return {"CPU": self.scaling.cpus_per_worker, "GPU": 1.0}
-        return {"CPU": self.scaling.cpus_per_worker}
+            return {"CPU": self.scaling.cpus_per_worker, "GPU": 1.0, **extra}
+        return {"CPU": self.scaling.cpus_per_worker, **extra}
 
     @property
     def global_batch_size(self) -> int:

@@ -152,6 +152,10 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
          "tune.search.lora_r: grid values must be >= 1 (at least one, or unset)")
     need(sp.warmup_ratio is None or (len(sp.warmup_ratio) >= 1 and all(0 <= v < 1 for v in sp.warmup_ratio)),
          "tune.search.warmup_ratio: grid values must be in [0, 1) (at least one, or unset)")
+    need(all(v > 0 for v in cfg.scaling.resources_per_worker.values())
+         and not {"CPU", "GPU"} & set(cfg.scaling.resources_per_worker),
+         "scaling.resources_per_worker: custom resources only (CPU/GPU come from cpus_per_worker/use_gpu), "
+         "every amount > 0")
     need(all(v > 0 for v in tu.driver_resources.values()),
          "tune.driver_resources: every amount must be > 0 (Ray rejects an empty request)")
     # merge

@@ -46,7 +46,8 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constant
 APPLIED = (
     "run.storage_path", "ray.", "train.max_steps", "train.eval_steps", "train.eval_max_batches", "train.logging_steps",
     "train.save_steps", "train.save_total_limit", "train.max_failures", "train.fail_at_step", "train.report_to",
-    "scaling.cpus_per_worker", "scaling.accelerator_type", "scaling.check_resources", "data.output_path",
+    "scaling.cpus_per_worker", "scaling.accelerator_type", "scaling.check_resources",
+    "scaling.resources_per_worker", "data.output_path",
     "data.preprocessed", "data.map_batch_size", "data.num_cpus_per_task", "data.max_tasks", "data.max_skip_fraction",
     "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "tune.", "merge.", "model.attn_implementation",
     "model.packed_attention",  # a kernel choice, like attn_implementation (data.packing itself: batch geometry)

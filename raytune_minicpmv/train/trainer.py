@@ -65,8 +65,10 @@ def _run_locked(cfg: Config) -> dict:
         return {"run_dir": cfg.run_dir, "already_finished": True, "steps": plan.step, "checkpoint": plan.checkpoint}
     for key, (old, new) in plan.applied.items():
         print(f"resume: {key} changed from {old!r} to {new!r} (applied)", flush=True)
-    ray = init_ray(cfg)  # already started by run_train: returns the module
-    check_cluster(cfg, ray.cluster_resources())
+    from ..cluster.capacity import cluster_capacity, pending_resources_watch
+
+    init_ray(cfg)  # already started by run_train: returns the module
+    check_cluster(cfg, cluster_capacity(cfg))
     trainer = build_trainer(cfg)
     print(f"training run {cfg.run.name!r}: checkpoints and results in {cfg.run_dir}; "
           + (f"resuming from step {plan.step} ({plan.checkpoint}); " if plan.checkpoint else "")
@@ -74,12 +76,16 @@ def _run_locked(cfg: Config) -> dict:
     started = time.time()
     with stop_signals() as stopped:  # after init_ray: Ray's own SIGTERM handler would kill the run uncleanly
         try:
-            result = trainer.fit()
+            with pending_resources_watch(cfg):
+                result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray Train's SIGINT handler, after aborting the run
             from ..cluster.interrupts import note_sigint
 
             note_sigint(stopped)
             result = None
+    from ..cluster.capacity import release_autoscaling_requests
+
+    release_autoscaling_requests()  # the workers' GPU nodes may go (idle timeout)
     if stopped.signum:
         _raise_interrupted(cfg, stopped.name)
     summary = summarize(cfg, result, wall_s=time.time() - started)
@@ -118,24 +124,36 @@ def check_driver(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def check_cluster(cfg: Config, resources: dict) -> None:
-    """The cluster has the CPUs/GPUs the workers ask for (skipped with scaling.check_resources=false)."""
+def check_cluster(cfg: Config, resources) -> None:
+    """The cluster can hold the workers (skipped with scaling.check_resources=false).
+
+    `resources`: `ray.cluster_resources()`, or a `cluster.capacity.Capacity`. On an autoscaling cluster the workers
+    must fit in what it can grow to; what is not up yet is a warning naming what the run waits for, not an error."""
+    from ..cluster.capacity import Capacity
+
     sc = cfg.scaling
     if not sc.check_resources:
         return
-    problems = []
+    cap = resources if isinstance(resources, Capacity) else Capacity(dict(resources), dict(resources))
+    problems, waiting = [], []
     want = cfg.worker_resources
     for key, per_worker in want.items():
-        have, need = float(resources.get(key, 0.0)), per_worker * sc.num_workers
-        if have + 1e-9 < need:
-            problems.append(f"scaling: {sc.num_workers} workers need {need:g} {key}, the cluster has {have:g} "
-                            f"(lower scaling.num_workers / scaling.cpus_per_worker, or set "
-                            f"scaling.check_resources=false on an autoscaling cluster)")
-    if not sc.use_gpu and float(resources.get("CPU", 0.0)) - want["CPU"] * sc.num_workers < 0.1:
+        have, limit, need = cap.now.get(key, 0.0), cap.max.get(key, 0.0), per_worker * sc.num_workers
+        if limit + 1e-9 < need:
+            where = (f"the cluster can grow to {limit:g} ({cap.source})" if cap.autoscaling
+                     else f"the cluster has {have:g}")
+            problems.append(f"scaling: {sc.num_workers} workers need {need:g} {key}, {where} (lower "
+                            f"scaling.num_workers / scaling.cpus_per_worker, or set scaling.check_resources=false)")
+        elif have + 1e-9 < need:
+            waiting.append(f"{need:g} {key} (up now: {have:g}, can grow to {limit:g})")
+    if not sc.use_gpu and cap.max.get("CPU", 0.0) - want["CPU"] * sc.num_workers < 0.1:
         problems.append("scaling.cpus_per_worker: CPU workers take every CPU and Ray Data could never schedule "
                         "its read/preprocess tasks; leave at least 0.1 CPU free (e.g. 0.8 per worker on 2 CPUs)")
     if problems:
         raise ConfigError(problems)
+    if waiting:
+        log.warning("autoscaling cluster (%s): the %d workers wait for the autoscaler to add %s", cap.source,
+                    sc.num_workers, ", ".join(waiting))
 
 
 def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Optional[list] = None,

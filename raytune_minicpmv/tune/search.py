@@ -16,7 +16,6 @@ reused only while its input fingerprint matches (`data_fingerprint`).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -48,8 +47,10 @@ def _run_locked(cfg: Config) -> dict:
     from ..cluster.interrupts import note_sigint, stop_signals
 
     reuse_data = _check_preprocessed(cfg)  # before any trial: stale rows of a running search are refused
-    ray = cluster.init_ray(cfg)  # already started by run_tune: returns the module
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    from ..cluster.capacity import cluster_capacity, pending_resources_watch
+
+    cluster.init_ray(cfg)  # already started by run_tune: returns the module
+    concurrency = max_concurrent_trials(cfg, cluster_capacity(cfg))
     cfg = _ensure_preprocessed(cfg, reuse_data)
     exp_dir = join_uri(cfg.run.storage_path, experiment_name(cfg.run))
     log.info("tune experiment: %s (metric %s/%s, %d concurrent trials)", exp_dir, cfg.tune.metric, cfg.tune.mode,
@@ -58,11 +59,15 @@ def _run_locked(cfg: Config) -> dict:
     t0 = time.time()
     with stop_signals() as stopped:  # SIGTERM takes Tune's graceful SIGINT path (it saves the experiment state)
         try:
-            results = _build_or_restore_tuner(cfg, concurrency).fit()
+            with pending_resources_watch(cfg):  # says what trials wait for while the autoscaler adds nodes
+                results = _build_or_restore_tuner(cfg, concurrency).fit()
         except KeyboardInterrupt:  # a second Ctrl-C: Tune gives up its graceful stop
             note_sigint(stopped)
             results = None
     elapsed = time.time() - t0
+    from ..cluster.capacity import release_autoscaling_requests
+
+    release_autoscaling_requests()  # the trials' GPU nodes may go (idle timeout) while we report and merge
     _raise_if_incomplete(results, stopped, exp_dir)
 
     trials = collect_trials(results, cfg)
@@ -122,24 +127,43 @@ def _tune_ready(cfg: Config) -> Config:
     return replace(cfg, train={"save_steps": cfg.train.eval_steps})
 
 
-def max_concurrent_trials(cfg: Config, cluster_resources: dict) -> int:
-    """Derived from the cluster: GPUs (or CPUs on a CPU cluster) ÷ what one trial's workers take. Fails fast when the
-    configured concurrency cannot fit; a cluster that autoscales from zero GPU nodes needs it set explicitly."""
+def max_concurrent_trials(cfg: Config, resources) -> int:
+    """Derived from the cluster: how many trials' workers (GPUs, or CPUs on a CPU cluster, and any
+    scaling.resources_per_worker) fit at once. `resources`: `ray.cluster_resources()` or a `cluster.capacity.Capacity`;
+    on an autoscaling cluster it is what the cluster can grow to, not what is up at submit time (GPU nodes scale from
+    zero). Fails fast when the configured concurrency cannot fit."""
+    from ..cluster.capacity import Capacity, trials_that_fit
+
+    cap = resources if isinstance(resources, Capacity) else Capacity(dict(resources), dict(resources))
     sc = cfg.scaling
-    key, per_worker = ("GPU", 1.0) if sc.use_gpu else ("CPU", sc.cpus_per_worker)
-    per_trial = sc.num_workers * per_worker + (cfg.tune.driver_resources.get(key, 0.0))
-    have = float(cluster_resources.get(key, 0.0))
+    keys = ["GPU" if sc.use_gpu else "CPU", *sc.resources_per_worker]
+    per_trial = {k: sc.num_workers * cfg.worker_resources[k] + cfg.tune.driver_resources.get(k, 0.0) for k in keys}
+    fits, key = trials_that_fit(per_trial, cap.max)
+    have, need = cap.max.get(key, 0.0), per_trial[key]
     want = cfg.tune.max_concurrent_trials
     if want is None:
-        if have < per_trial:
-            if sc.use_gpu:
+        if fits < 1:
+            if cap.autoscaling:
+                raise ConfigError([f"scaling.num_workers: one trial needs {need:g} {key}, the cluster can grow to "
+                                   f"{have:g} ({cap.source})"])
+            if key == "GPU":
                 raise ConfigError([f"tune.max_concurrent_trials: the cluster has {have:g} GPUs now (autoscaling from "
-                                   f"zero?); set it explicitly (each trial takes {sc.num_workers} GPUs)"])
-            raise ConfigError([f"scaling.num_workers: one trial needs {per_trial:g} CPUs, the cluster has {have:g}"])
-        return max(1, int(math.floor(have / per_trial + 1e-9)))
-    if have > 0 and want * per_trial > have + 1e-9:
+                                   f"zero?); set it explicitly (each trial takes {sc.num_workers} GPUs) or name the "
+                                   "cluster config in ray.autoscaling_config"])
+            raise ConfigError([f"scaling.num_workers: one trial needs {need:g} {key}{'s' if key == 'CPU' else ''}, "
+                               f"the cluster has {have:g}"])
+        if cap.autoscaling:
+            log.info("tune: %d concurrent trials, from what the cluster can grow to (%g %s, %s)", fits, have, key,
+                     cap.source)
+        return fits
+    key = keys[0]
+    have, need = (cap.max if cap.autoscaling else cap.now).get(key, 0.0), per_trial[key]
+    if cap.autoscaling and want * need > have + 1e-9:
+        log.warning("tune.max_concurrent_trials=%d × %g %s per trial exceeds the %g the cluster can grow to (%s); "
+                    "at most %d run at once", want, need, key, have, cap.source, max(fits, 1))
+    elif not cap.autoscaling and have > 0 and want * need > have + 1e-9:
         log.warning("tune.max_concurrent_trials=%d × %g %s per trial exceeds the %g the cluster has now; the "
-                    "extra trials wait for the autoscaler", want, per_trial, key, have)
+                    "extra trials wait for the autoscaler", want, need, key, have)
     return want
 
 

@@ -77,6 +77,8 @@ BOUNDARIES = [
      ["deepspeed.fp16_initial_scale_power=32"]),
     (["scaling.num_workers=0"], "scaling.num_workers", ["scaling.num_workers=1"]),
     (["scaling.cpus_per_worker=0"], "scaling.cpus_per_worker", ["scaling.cpus_per_worker=0.1"]),
+    (["scaling.resources_per_worker={gpu_standin: 0}"], "scaling.resources_per_worker",
+     ["scaling.resources_per_worker={gpu_standin: 0.01}"]),
     (["tune.num_samples=0"], "tune.num_samples", ["tune.num_samples=1"]),
     (["tune.grace_period=0"], "tune.grace_period", ["tune.grace_period=1"]),
     (["tune.reduction_factor=1"], "tune.reduction_factor", ["tune.reduction_factor=2"]),
