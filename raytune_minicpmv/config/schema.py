@@ -64,6 +64,11 @@ class ModelConfig:
     # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # bitsandbytes base weights (QLoRA; the `qlora` extra): nf4 (4-bit NormalFloat, double-quantized) or int8
+    # LLM linear layers (vision tower, resampler, embeddings, lm_head stay in model.dtype); a pre-quantized
+    # checkpoint (config.json quantization_config) must be named with its method. Needs trainable.llm lora or frozen,
+    # and ZeRO 0-2 (docs/TRAINING.md "QLoRA")
+    quantization: Literal["none", "nf4", "int8"] = "none"
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              "model.path: required (a checkpoint directory; `raytune-minicpmv demo` builds a tiny one)")
         need(not m.path or _exists(m.path), f"model.path: {m.path} does not exist")
         p += checkpoint_problems(m.path, m.family)
+    p += _quantization_problems(cfg, check_paths)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:
@@ -160,6 +161,30 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(mg.memory_gb is None or mg.memory_gb > 0, "merge.memory_gb: must be > 0 (or unset to estimate it)")
     need(mg.num_gpus >= 0 and (mg.num_gpus <= 1 or mg.num_gpus == int(mg.num_gpus)),
          "merge.num_gpus: must be >= 0, and a whole number above 1 (Ray's rule for fractional GPUs)")
+    return p
+
+
+def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
+    """model.quantization against the rest: what a bitsandbytes base cannot do, refused before any worker starts."""
+    q, t, ds = cfg.model.quantization, cfg.trainable, cfg.deepspeed
+    if q == "none":
+        return []
+    p = []
+    llm = "lora" if t.preset == "seed_compat" else t.llm
+    if llm == "full":
+        p.append(f"trainable.llm: full fine-tuning of a {q}-quantized LLM is not possible (its weights are packed "
+                 "integers without gradients); use trainable.llm=lora (QLoRA) or model.quantization=none")
+    if ds.zero_stage == 3:
+        p.append(f"deepspeed.zero_stage: 3 partitions every parameter into flat shards, which loses the "
+                 f"bitsandbytes layout (packed weights + quant state) of a {q} base; use zero_stage 0, 1, 2 or auto "
+                 "(auto never picks 3 with a quantized base), or model.quantization=none")
+    if ds.offload_param == "cpu":
+        p.append("deepspeed.offload_param: parameter offload needs ZeRO-3, which a quantized base does not support; "
+                 "set offload_param=none")
+    if check_paths:
+        from ..path_checks import quantized_checkpoint_problems
+
+        p += quantized_checkpoint_problems(cfg.model.path, q, t.vision)
     return p
 
 

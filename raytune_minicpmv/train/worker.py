@@ -183,9 +183,11 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference
     zero3 = " under ZeRO-3 (partitioned while loading)" if cfg.deepspeed.zero_stage == 3 else ""
-    say(f"loading model {cfg.model.path} ({cfg.model.dtype}){zero3} ...")
+    quant = f", {cfg.model.quantization} LLM linears" if cfg.model.quantization != "none" else ""
+    say(f"loading model {cfg.model.path} ({cfg.model.dtype}{quant}){zero3} ...")
     t0 = time.perf_counter()
-    model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
+    # model.path, attn_implementation, trust_remote_code; quantization: bitsandbytes layers built on this rank's device
+    model = load_model_for(cfg.model, dtype, device=_comm_device(cfg))
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
