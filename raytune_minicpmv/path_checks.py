@@ -87,8 +87,8 @@ def quantized_checkpoint_problems(path: str, quantization: str, vision: str) -> 
     """model.quantization against the environment and model.path's config.json (a pre-quantized checkpoint)."""
     from .models.quantization import INSTALL_HINT, bitsandbytes_available, checkpoint_quantization
 
-    problems = [] if bitsandbytes_available() else [f"model.quantization: {quantization} needs bitsandbytes: "
-                                                    f"{INSTALL_HINT}"]
+    problems = [] if quantization == "none" or bitsandbytes_available() else [
+        f"model.quantization: {quantization} needs bitsandbytes: {INSTALL_HINT}"]
     cfg_path = Path(path) / "config.json" if path and not is_uri(path) else None
     if cfg_path is None or not cfg_path.is_file():
         return problems

@@ -167,9 +167,13 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
 def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
     """model.quantization against the rest: what a bitsandbytes base cannot do, refused before any worker starts."""
     q, t, ds = cfg.model.quantization, cfg.trainable, cfg.deepspeed
-    if q == "none":
-        return []
     p = []
+    if check_paths:  # also with `none`: a pre-quantized model.path must be named as such
+        from ..path_checks import quantized_checkpoint_problems
+
+        p += quantized_checkpoint_problems(cfg.model.path, q, t.vision)
+    if q == "none":
+        return p
     llm = "lora" if t.preset == "seed_compat" else t.llm
     if llm == "full":
         p.append(f"trainable.llm: full fine-tuning of a {q}-quantized LLM is not possible (its weights are packed "
@@ -181,10 +185,6 @@ def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
     if ds.offload_param == "cpu":
         p.append("deepspeed.offload_param: parameter offload needs ZeRO-3, which a quantized base does not support; "
                  "set offload_param=none")
-    if check_paths:
-        from ..path_checks import quantized_checkpoint_problems
-
-        p += quantized_checkpoint_problems(cfg.model.path, q, t.vision)
     return p
 
 
