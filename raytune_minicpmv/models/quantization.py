@@ -9,7 +9,7 @@ Two ways in, one setting (`model.quantization: none | nf4 | int8`):
 * a bf16 base, quantized while it loads: transformers' `BitsAndBytesConfig` (NF4 with double quantization, compute
   in the model dtype; or LLM.int8) replaces the LLM's `nn.Linear` layers by bitsandbytes ones. `KEEP_UNQUANTIZED`
   keeps the vision tower, the resampler and `lm_head` in the model dtype (embeddings are not linear layers, so they
-  stay too): they are a small part of the weights (2.6: ~0.5 B of 8 B), the image path is the most
+  stay too): they are the smaller part of the weights (2.6: ~1.5 B of 8.1 B with the embeddings), the image path is the most
   precision-sensitive part (a 4-bit SigLIP shifts every image token the LLM sees), and they are often trained in
   full (`trainable.vision/resampler: full`), which a quantized weight cannot be;
 * a published pre-quantized checkpoint (e.g. openbmb/MiniCPM-V-2_6-int4): its config.json carries

@@ -147,3 +147,19 @@ def test_dequantized_copy_is_a_plain_checkpoint_with_the_quantized_models_number
     quantized = load_model(path, dtype=torch.bfloat16, quantization="nf4")
     # the same weights: the 4-bit kernels dequantize to exactly these bf16 values before their matmul
     torch.testing.assert_close(logits(plain, b), logits(quantized, b), atol=2e-2, rtol=2e-2)
+
+
+def test_flop_model_counts_the_weights_of_a_4bit_layer_not_its_packed_bytes(ckpt):
+    from raytune_minicpmv.train.metrics import FlopModel
+
+    plain, quantized = (FlopModel.from_model(load_model(ckpt, dtype=torch.bfloat16, quantization=q))
+                        for q in ("none", "nf4"))
+    assert quantized.n_params == plain.n_params  # MFU of a QLoRA run counts the same model FLOPs
+
+
+def test_parameter_table_counts_the_weights_of_a_4bit_layer(ckpt):
+    from raytune_minicpmv.models import trainable_parameter_counts
+
+    plain, quantized = (trainable_parameter_counts(load_model(ckpt, dtype=torch.bfloat16, quantization=q),
+                                                   trainable_only=False) for q in ("none", "nf4"))
+    assert quantized == plain
