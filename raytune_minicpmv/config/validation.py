@@ -176,11 +176,11 @@ def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
         return p
     llm = "lora" if t.preset == "seed_compat" else t.llm
     if llm == "full":
-        p.append(f"trainable.llm: full fine-tuning of a {q}-quantized LLM is not possible (its weights are packed "
+        p.append(f"trainable.llm: full fine-tuning of an {q}-quantized LLM is not possible (its weights are packed "
                  "integers without gradients); use trainable.llm=lora (QLoRA) or model.quantization=none")
     if ds.zero_stage == 3:
         p.append(f"deepspeed.zero_stage: 3 partitions every parameter into flat shards, which loses the "
-                 f"bitsandbytes layout (packed weights + quant state) of a {q} base; use zero_stage 0, 1, 2 or auto "
+                 f"bitsandbytes layout (packed weights + quant state) of an {q} base; use zero_stage 0, 1, 2 or auto "
                  "(auto never picks 3 with a quantized base), or model.quantization=none")
     if ds.offload_param == "cpu":
         p.append("deepspeed.offload_param: parameter offload needs ZeRO-3, which a quantized base does not support; "
