@@ -34,6 +34,12 @@ import torch
 QUANTIZATIONS = ("none", "nf4", "int8")
 # Module-name patterns transformers never converts (prefix up to a module boundary, or suffix): see module docstring.
 KEEP_UNQUANTIZED = ("vpm", "resampler", "lm_head")
+# The same, per family, for the transformers-native 4.6 / 4.7 classes (MiniCPMV4_6ForConditionalGeneration:
+# model.vision_tower, model.language_model, model.merger, lm_head tied to the embeddings) once the registry loads them
+# (issue 11): pass `keep=keep_unquantized(family)` to `from_pretrained_kwargs`.
+KEEP_BY_FAMILY = {"minicpmv2_6": KEEP_UNQUANTIZED, "minicpmv2_5": KEEP_UNQUANTIZED,
+                  "minicpmv4_6": ("model.vision_tower", "model.merger", "lm_head"),
+                  "minicpmv4_7": ("model.vision_tower", "model.merger", "lm_head")}
 INSTALL_HINT = "pip install 'raytune-minicpmv[qlora]' (bitsandbytes >= 0.48)"
 
 
@@ -53,6 +59,14 @@ def checkpoint_quantization(raw: dict) -> Optional[str]:
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
         return "int8"
     return str(q.get("bnb_4bit_quant_type", "fp4"))
+
+
+def keep_unquantized(family: str) -> tuple[str, ...]:
+    """The module-name patterns a family keeps in its model dtype when quantized at load."""
+    if family not in KEEP_BY_FAMILY:
+        raise ValueError(f"model.quantization: no quantization layout for family {family!r} "
+                         f"(known: {', '.join(KEEP_BY_FAMILY)})")
+    return KEEP_BY_FAMILY[family]
 
 
 def bnb_config(kind: str, compute_dtype: torch.dtype, keep: tuple[str, ...] = KEEP_UNQUANTIZED):

@@ -163,3 +163,38 @@ def test_parameter_table_counts_the_weights_of_a_4bit_layer(ckpt):
     plain, quantized = (trainable_parameter_counts(load_model(ckpt, dtype=torch.bfloat16, quantization=q),
                                                    trainable_only=False) for q in ("none", "nf4"))
     assert quantized == plain
+
+
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_the_4x_layout_quantizes_only_the_language_models_linears(family):
+    """For the transformers-native 4.6 / 4.7 classes (issue 11 wires them): the kept patterns leave the vision
+    tower, its window merger, the merger and the tied lm_head alone, and convert every language-model linear."""
+    import transformers
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from raytune_minicpmv.models.quantization import keep_unquantized
+
+    suffix = family.removeprefix("minicpmv")
+    config_cls = getattr(transformers, f"MiniCPMV{suffix}Config", None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    with torch.device("meta"):
+        model = getattr(transformers, f"MiniCPMV{suffix}ForConditionalGeneration")(config_cls())
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {n for n in linears if should_convert_module(n, list(keep_unquantized(family)))}
+    assert converted and all(n.startswith("model.language_model.") for n in converted)
+    assert set(linears) - converted == {n for n in linears if not n.startswith("model.language_model.")}
+    assert "lm_head" not in converted
+
+
+def test_merge_declares_the_memory_of_the_dequantized_model_for_a_quantized_base(int4, tmp_path):
+    from raytune_minicpmv.config import MergeConfig
+    from raytune_minicpmv.merge.merger import estimate_memory_bytes
+
+    bf16, path = int4
+    peft_model = apply_trainable_policy(load_model(bf16, dtype=torch.bfloat16), TrainableConfig(llm="lora",
+                                        resampler="frozen"), LoraConfig(r=4))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain = estimate_memory_bytes(bf16, tmp_path / "adapter", MergeConfig())
+    quantized = estimate_memory_bytes(path, tmp_path / "adapter", MergeConfig())
+    assert quantized >= 0.95 * plain  # a packed byte is two bf16 weights once dequantized, not one byte
