@@ -104,6 +104,16 @@ def from_pretrained_kwargs(raw: dict, kind: str, compute_dtype: torch.dtype, dev
     return kwargs
 
 
+def cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every floating-point parameter outside the packed bitsandbytes weights in `dtype`. Needed after loading a
+    pre-quantized checkpoint in a dtype other than its stored one: transformers then leaves the unquantized layers'
+    `.weight`s in the stored dtype but casts biases and norms (a conv with bf16 weight and fp32 bias fails)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype != dtype and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
+    return model
+
+
 def quantized_module_names(model: torch.nn.Module) -> list[str]:
     """Names of the bitsandbytes linear layers of `model` (PEFT-wrapped or not)."""
     if not bitsandbytes_available():

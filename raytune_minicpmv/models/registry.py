@@ -107,7 +107,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
 
     `quantization` nf4 / int8: bitsandbytes LLM linear layers (quantized here on `device`, default cpu, or read
     as a pre-quantized checkpoint lays them out; models/quantization.py)."""
-    from .quantization import from_pretrained_kwargs
+    from .quantization import cast_unquantized, from_pretrained_kwargs
 
     dtype = as_torch_dtype(dtype)
     raw = read_config_json(path)
@@ -127,7 +127,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
         raise CheckpointError(f"{path} does not match {family.name} (config.json says "
                               f"{config.vision_layers} vision layers, {config.num_hidden_layers} LLM layers):\n  "
                               + "\n  ".join(problems))
-    return model
+    return cast_unquantized(model, dtype) if quant_kwargs else model
 
 
 def load_model_for(model_cfg, dtype: torch.dtype | str | None = None, device=None) -> torch.nn.Module:

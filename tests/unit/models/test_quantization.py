@@ -198,3 +198,25 @@ def test_merge_declares_the_memory_of_the_dequantized_model_for_a_quantized_base
     plain = estimate_memory_bytes(bf16, tmp_path / "adapter", MergeConfig())
     quantized = estimate_memory_bytes(path, tmp_path / "adapter", MergeConfig())
     assert quantized >= 0.95 * plain  # a packed byte is two bf16 weights once dequantized, not one byte
+
+
+def test_lora_on_the_published_int4_checkpoints_4bit_vision_and_llm_gets_gradients(int4):
+    _, path = int4
+    model = load_model(path, dtype=torch.float32, quantization="nf4")
+    peft_model = apply_trainable_policy(model, TrainableConfig(vision="lora", llm="lora", resampler="full"),
+                                        LoraConfig(r=4))
+    b = batch(q=model.config.query_num)
+    loss_sum, n = compute_loss(peft_model(b).logits, b["labels"])
+    (loss_sum / n).backward()
+    grads = {name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad}
+    vision_b = [g for name, g in grads.items() if "vpm." in name and "lora_B" in name]
+    llm_b = [g for name, g in grads.items() if "llm." in name and "lora_B" in name]
+    assert vision_b and llm_b and all(g is not None and g.abs().sum() > 0 for g in vision_b + llm_b)
+
+
+def test_a_prequantized_checkpoint_loads_in_the_asked_dtype(int4):
+    """Stored bf16, asked fp32: transformers casts biases and norms but left the unquantized layers' weights bf16
+    (the vision conv then failed: bf16 weight, fp32 bias); load_model casts every unpacked float parameter."""
+    model = load_model(int4[1], dtype=torch.float32, quantization="nf4")
+    assert {p.dtype for p in model.parameters() if p.dtype.is_floating_point} == {torch.float32}
+    assert torch.isfinite(logits(model, batch(q=model.config.query_num))).all()
