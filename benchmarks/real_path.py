@@ -7,6 +7,8 @@ Train + DeepSpeed, the CLI in a subprocess, exactly the user's command) for a li
                                    # packing off/on in one 10-min call (≈ 150 s a setting after the workload);
                                    # benchmarks/packed_attention.py compares the backends without Ray in ~1 min
     python benchmarks/real_path.py --work /tmp/bench --settings levers_on,varlen_off,fused_ce_off,liger_off
+    python benchmarks/real_path.py --work /tmp/bench --settings zero2_mb2,qlora_zero2_mb2,zero2_mb8,qlora_zero2_mb8
+                                            # bf16 LoRA vs QLoRA (NF4) at the same engine and batch: memory, step time
 
 Workload: benchmarks/workload.py (2.21 B MiniCPM-V-2.6-shaped model, seed-shaped records), LoRA r64 on q/k/v, the
 vision tower and resampler fully trained, bf16, one Ray Train worker per GPU with 12 CPUs.
@@ -76,6 +78,19 @@ SETTINGS = {
                           "model.gradient_checkpointing=auto", "train.micro_batch_size=8"], 25),
     "full_zero3_ckpt_mb2": (["trainable.llm=full", "trainable.embed_tokens=full", "deepspeed.zero_stage=3",
                              "model.gradient_checkpointing=true", "train.micro_batch_size=2"], 30),
+    # QLoRA (issue 14): the bf16-LoRA settings above with the LLM's linears in bitsandbytes NF4 / int8 (vision tower,
+    # resampler, embeddings, lm_head stay bf16): compare e.g. zero2_mb8 with qlora_zero2_mb8 (needs bitsandbytes;
+    # benchmarks/strip_bnb_wheel.py makes a ~4 MB one-CUDA wheel for the GPU machine)
+    "qlora_zero2_ckpt_mb2": (["model.quantization=nf4", "deepspeed.zero_stage=2", "model.gradient_checkpointing=true",
+                              "train.micro_batch_size=2"], 40),
+    "qlora_zero2_mb2": (["model.quantization=nf4", "deepspeed.zero_stage=2", "model.gradient_checkpointing=false",
+                         "train.micro_batch_size=2"], 45),
+    "qlora_zero2_mb8": (["model.quantization=nf4", "deepspeed.zero_stage=2", "model.gradient_checkpointing=false",
+                         "train.micro_batch_size=8"], 25),
+    "qlora_int8_zero2_mb8": (["model.quantization=int8", "deepspeed.zero_stage=2",
+                              "model.gradient_checkpointing=false", "train.micro_batch_size=8"], 25),
+    "qlora_recommended": (["model.quantization=nf4", "deepspeed.zero_stage=auto", "model.gradient_checkpointing=auto",
+                           "train.micro_batch_size=8"], 25),
 }
 # One row per kernel lever (models/kernels.py): the same engine (ZeRO-0, no recompute, micro-batch 8) with every
 # lever on, then each one off. Liger needs the liger_kernel wheel on the workers' PYTHONPATH (docs/PERFORMANCE.md);

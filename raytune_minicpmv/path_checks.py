@@ -92,6 +92,32 @@ def packing_problems(family: str) -> list[str]:
         if why else []
 
 
+def quantized_checkpoint_problems(path: str, quantization: str, vision: str) -> list[str]:
+    """model.quantization against the environment and model.path's config.json (a pre-quantized checkpoint)."""
+    from .models.quantization import INSTALL_HINT, bitsandbytes_available, checkpoint_quantization
+
+    problems = [] if quantization == "none" or bitsandbytes_available() else [
+        f"model.quantization: {quantization} needs bitsandbytes: {INSTALL_HINT}"]
+    cfg_path = Path(path) / "config.json" if path and not is_uri(path) else None
+    if cfg_path is None or not cfg_path.is_file():
+        return problems
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return problems  # checkpoint_problems reports it
+    found = checkpoint_quantization(raw) if isinstance(raw, dict) else None
+    if found is not None and found != quantization:
+        problems.append(f"model.quantization: {quantization}, but {path} is pre-quantized as {found} (config.json "
+                        f"quantization_config); set model.quantization={found}" if found in ("nf4", "int8") else
+                        f"model.path: {path} is quantized as {found}; only bitsandbytes nf4/int8 checkpoints load")
+    skip = (raw.get("quantization_config") or {}).get("llm_int8_skip_modules") or [] if found else None
+    if found and vision == "full" and not any(s in ("vpm", "vpm.") for s in skip):
+        problems.append(f"trainable.vision: full, but {path} stores its vision tower's linear layers quantized "
+                        f"(llm_int8_skip_modules {skip} does not keep vpm); use trainable.vision=lora or frozen, "
+                        "or start from the bf16 checkpoint with model.quantization=" + quantization)
+    return problems
+
+
 def merge_input_problems(base: str, adapter: str, out: str) -> list[str]:
     """`raytune-minicpmv merge` inputs, checked before Ray starts."""
     problems = []

@@ -81,6 +81,11 @@ class ModelConfig:
     fused_ce: Literal[True, False, "auto"] = "auto"  # training loss from hidden states: no [tokens, vocab] logits
     liger: Literal[True, False, "auto"] = "auto"  # Liger Kernel (extra `gpu`): RMSNorm/SwiGLU/RoPE + fused CE
     compile_vision: bool = False  # torch.compile of the vision layers' per-token parts (first steps compile)
+    # bitsandbytes base weights (QLoRA; the `qlora` extra): nf4 (4-bit NormalFloat, double-quantized) or int8
+    # LLM linear layers (vision tower, resampler, embeddings, lm_head stay in model.dtype); a pre-quantized
+    # checkpoint (config.json quantization_config) must be named with its method. Needs trainable.llm lora or frozen,
+    # and ZeRO 0-2 (docs/TRAINING.md "QLoRA")
+    quantization: Literal["none", "nf4", "int8"] = "none"
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
          "as the remote code does); use auto or false")
     need(not (m.liger is True and not cfg.scaling.use_gpu),
          "model.liger: true needs GPUs (Liger Kernel is Triton/CUDA); set scaling.use_gpu=true or model.liger=auto")
+    p += _quantization_problems(cfg, check_paths)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:
@@ -194,6 +195,30 @@ def _batching_problems(cfg: Config) -> list[str]:
         p.append(f"model.packed_attention: {cfg.model.packed_attention} runs on GPUs only; use sdpa or auto on CPU")
     if cfg.model.packed_attention == "varlen" and cfg.model.dtype == "fp32":
         p.append("model.packed_attention: varlen runs in bf16/fp16 only; use sdpa or auto with model.dtype=fp32")
+    return p
+
+
+def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
+    """model.quantization against the rest: what a bitsandbytes base cannot do, refused before any worker starts."""
+    q, t, ds = cfg.model.quantization, cfg.trainable, cfg.deepspeed
+    p = []
+    if check_paths:  # also with `none`: a pre-quantized model.path must be named as such
+        from ..path_checks import quantized_checkpoint_problems
+
+        p += quantized_checkpoint_problems(cfg.model.path, q, t.vision)
+    if q == "none":
+        return p
+    llm = "lora" if t.preset == "seed_compat" else t.llm
+    if llm == "full":
+        p.append(f"trainable.llm: full fine-tuning of an {q}-quantized LLM is not possible (its weights are packed "
+                 "integers without gradients); use trainable.llm=lora (QLoRA) or model.quantization=none")
+    if ds.zero_stage == 3:
+        p.append(f"deepspeed.zero_stage: 3 partitions every parameter into flat shards, which loses the "
+                 f"bitsandbytes layout (packed weights + quant state) of an {q} base; use zero_stage 0, 1, 2 or auto "
+                 "(auto never picks 3 with a quantized base), or model.quantization=none")
+    if ds.offload_param == "cpu":
+        p.append("deepspeed.offload_param: parameter offload needs ZeRO-3, which a quantized base does not support; "
+                 "set offload_param=none")
     return p
 
 

@@ -51,6 +51,8 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
         return out_dir
     t0 = time.time()
     tmp = fresh_temp_dir(out_dir)
+    quantized_base = base_dir
+    base_dir = plain_base(base_dir, out_dir, merge_cfg)  # a bitsandbytes base: its dequantized copy
     base = CheckpointReader(base_dir)
     adapter = read_adapter(adapter_dir, set(base.keys()))
     log.info("merge: %d base tensors, %d LoRA targets, %d trained tensors replaced, dtype %s",
@@ -59,8 +61,11 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     copy_non_weight_files(base_dir, tmp, merge_cfg.dtype)
     verification = verify(base_dir, adapter_dir, tmp, merge_cfg)
     write_manifest(tmp, {**inputs, "verification": verification, "seconds": round(time.time() - t0, 1),
+                         "dequantized_base": base_dir != quantized_base,
                          "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions()})
     publish(tmp, out_dir)
+    if base_dir != quantized_base:
+        shutil.rmtree(base_dir, ignore_errors=True)
     log.info("merge: wrote %s in %.1f s", out_dir, time.time() - t0)
     return out_dir
 
@@ -133,6 +138,26 @@ def write_merged_weights(base: CheckpointReader, adapter: Adapter, out_dir: Path
         return merged_tensor(key, base_tensor, adapter, out_dtype)
 
     return write_sharded(out_dir, plan, produce)
+
+
+def plain_base(base_dir: Path, out_dir: Path, merge_cfg: MergeConfig) -> Path:
+    """The checkpoint to merge into: `base_dir` itself, or — for a bitsandbytes-quantized base (config.json
+    `quantization_config`, e.g. openbmb/MiniCPM-V-2_6-int4) — its dequantized copy in `merge.dtype`, written to
+    `.<name>.dequantized-base` next to the output and removed once the merge is published. LoRA cannot be folded
+    into packed 4-bit integers without re-quantizing (which would lose most of the update), so the merged model is
+    a plain checkpoint: the dequantized base weights + the adapter, verified against adapter-on-that-base."""
+    from ..models.quantization import checkpoint_quantization, dequantize_checkpoint
+
+    config = base_dir / "config.json"
+    if not config.is_file() or checkpoint_quantization(json.loads(config.read_text())) is None:
+        return base_dir
+    work = out_dir.parent / f".{out_dir.name}.dequantized-base"
+    if work.exists():
+        shutil.rmtree(work)  # the leftovers of an interrupted merge
+    log.warning("merge: %s is quantized (bitsandbytes); merging into its dequantized %s copy (the merged "
+                "checkpoint is plain %s; to merge into the original bf16 weights, pass that checkpoint as --base)",
+                base_dir, merge_cfg.dtype, merge_cfg.dtype)
+    return dequantize_checkpoint(base_dir, work, as_torch_dtype(merge_cfg.dtype))
 
 
 def copy_non_weight_files(base_dir: Path, out_dir: Path, dtype: str) -> list[str]:
@@ -224,6 +249,10 @@ def estimate_memory_bytes(base_dir, adapter_dir, merge_cfg: MergeConfig) -> int:
     itemsize = as_torch_dtype(merge_cfg.dtype).itemsize
     model_bytes = sum(e.nbytes if not e.dtype.is_floating_point else e.nbytes // e.dtype.itemsize * itemsize
                       for e in base.entries)
+    if any(".quant_state." in e.key or e.key.endswith(".SCB") for e in base.entries):
+        # a quantized base is dequantized first (whole model in memory): a packed byte holds up to 2 weights
+        model_bytes = sum(e.nbytes * 2 * itemsize if not e.dtype.is_floating_point else
+                          e.nbytes // e.dtype.itemsize * itemsize for e in base.entries)
     verify_phase = 1.3 * model_bytes + adapter.nbytes if merge_cfg.verify_samples else 0
     return int(max(merge_phase, verify_phase) + 512 * 2**20)  # + the interpreter, torch and transformers
 

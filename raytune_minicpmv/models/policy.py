@@ -87,6 +87,9 @@ def part_of(name: str) -> str:
 
 
 def _numel(p: torch.Tensor) -> int:
+    quant = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: 2 weights per stored byte; count the weights
+    if quant is not None and getattr(quant, "shape", None) is not None:
+        return int(torch.Size(quant.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions params; ds_numel is the full size
 
 

@@ -78,6 +78,41 @@ def build_published(family: str, out_dir, *, source=None, tokenizer=None, seed: 
     return out
 
 
+# The skip list of openbmb/MiniCPM-V-2_6-int4's quantization_config: the resampler's `kv_proj`, every `out_proj`
+# (resampler and vision attention) and `lm_head` stay bf16; the vision tower's q/k/v_proj and fc1/fc2 are NF4 (its
+# safetensors keys, listed in OpenBMB/MiniCPM-V issue #595, carry `.weight.quant_state.bitsandbytes__nf4` there).
+PUBLISHED_INT4_SKIP = ("out_proj", "kv_proj", "lm_head")
+
+
+def build_published_int4(family: str, out_dir, *, skip=PUBLISHED_INT4_SKIP, **kwargs) -> Path:
+    """The published layout of a bitsandbytes NF4 checkpoint (like openbmb/MiniCPM-V-2_6-int4): `build_published`'s
+    folder, its weights quantized with the published skip list and saved packed (`.weight` uint8 + `.absmax`,
+    `.quant_map`, `.nested_*`, `.quant_state.bitsandbytes__nf4`), and its REAL config.json plus the
+    `quantization_config` transformers writes. Needs bitsandbytes (its CPU backend is enough). kwargs: as
+    `build_published`."""
+    import tempfile
+
+    from .quantization import bnb_config
+    from .registry import read_config_json
+
+    fam = get_family(family)
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        plain = build_published(fam.name, Path(tmp) / "bf16", **kwargs)
+        raw = read_config_json(plain)
+        dtype = getattr(torch, raw["torch_dtype"])
+        model = fam.model_class.from_pretrained(str(plain), config=fam.config_class.from_checkpoint_dict(raw),
+                                                dtype=dtype, quantization_config=bnb_config("nf4", dtype, skip),
+                                                device_map={"": "cpu"})
+        model.save_pretrained(str(out))
+        quant = read_config_json(out)["quantization_config"]
+        for f in plain.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".index.json")):
+                shutil.copyfile(f, out / f.name)
+    (out / "config.json").write_text(json.dumps({**raw, "quantization_config": quant}, indent=2) + "\n")
+    return out
+
+
 def shrink_config(raw: dict, size: dict, dtype: torch.dtype) -> dict:
     """The real config.json with only the size fields replaced (key order and every other value kept)."""
     cfg = copy.deepcopy(raw)

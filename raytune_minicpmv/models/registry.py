@@ -105,17 +105,24 @@ def get_family(name_or_path: str | Path) -> ModelFamily:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """Load a checkpoint directory into the native model of its family (strict about keys)."""
+               attn_implementation: str = "sdpa", quantization: str = "none", device=None) -> torch.nn.Module:
+    """Load a checkpoint directory into the native model of its family (strict about keys).
+
+    `quantization` nf4 / int8: bitsandbytes LLM linear layers (quantized here on `device`, default cpu, or read
+    as a pre-quantized checkpoint lays them out; models/quantization.py)."""
+    from .quantization import cast_unquantized, from_pretrained_kwargs
+
     dtype = as_torch_dtype(dtype)
     raw = read_config_json(path)
+    quant_kwargs = from_pretrained_kwargs(raw, quantization, dtype, device or "cpu")
     name = detect_family(raw)
     if name is None or FAMILIES[name].blocked:
-        return _load_remote_code(path, raw, name, dtype, trust_remote_code)
+        return _load_remote_code(path, raw, name, dtype, trust_remote_code, quant_kwargs)
     family = FAMILIES[name]
     config = family.config_class.from_checkpoint_dict(raw)
     model, info = family.model_class.from_pretrained(
-        str(path), config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True)
+        str(path), config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
+        **quant_kwargs)
     problems = [f"{kind}: {', '.join(sorted(keys))}" for kind, keys in
                 (("missing keys", info.get("missing_keys")), ("unexpected keys", info.get("unexpected_keys")),
                  ("mismatched shapes", [str(k) for k in info.get("mismatched_keys") or []])) if keys]
@@ -123,17 +130,20 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
         raise CheckpointError(f"{path} does not match {family.name} (config.json says "
                               f"{config.vision_layers} vision layers, {config.num_hidden_layers} LLM layers):\n  "
                               + "\n  ".join(problems))
-    return model
+    return cast_unquantized(model, dtype) if quant_kwargs else model
 
 
-def load_model_for(model_cfg, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
-    """`load_model` as a run config asks (config.ModelConfig): path, dtype, attn_implementation, trust_remote_code."""
+def load_model_for(model_cfg, dtype: torch.dtype | str | None = None, device=None) -> torch.nn.Module:
+    """`load_model` as a run config asks (config.ModelConfig): path, dtype, attn_implementation, trust_remote_code,
+    quantization (bitsandbytes layers placed on `device`: this rank's GPU, or cpu)."""
     return load_model(model_cfg.path, dtype=model_cfg.dtype if dtype is None else dtype,
                       trust_remote_code=model_cfg.trust_remote_code,
-                      attn_implementation=model_cfg.attn_implementation)
+                      attn_implementation=model_cfg.attn_implementation,
+                      quantization=getattr(model_cfg, "quantization", "none"), device=device)
 
 
-def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, trust_remote_code: bool):
+def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, trust_remote_code: bool,
+                      quant_kwargs: Optional[dict] = None):
     what = f"family {name}: {FAMILIES[name].blocked}" if name else \
         f"model_type={raw.get('model_type')!r} version={raw.get('version')!r} is not a family we implement"
     if not trust_remote_code:
@@ -143,7 +153,7 @@ def _load_remote_code(path, raw: dict, name: Optional[str], dtype: torch.dtype, 
                 "trust_remote_code=True) — the checkpoint's own Python code runs, and raytune_minicpmv checks "
                 "neither its keys nor its batch contract", path, what)
     try:
-        return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+        return AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype, **(quant_kwargs or {}))
     except Exception as e:  # noqa: BLE001 - whatever the remote code raises, say which path it was
         raise CheckpointError(f"{path}: loading with the checkpoint's own code (model.trust_remote_code=true) failed: "
                               f"{type(e).__name__}: {e}") from e

@@ -14,7 +14,8 @@ checkpointing on → +48 %; hence "recompute before ZeRO-3". A user's explicit s
 
 Estimate per rank (bytes; P all parameters incl. PEFT's trained copies, T trainable, b the weight dtype's bytes,
 N the world size, each `/N` only from the stage that partitions it):
-  weights b·P (/N at stage 3) + gradients b·T (/N from stage 2) + optimizer state 16·T with bf16/fp16
+  weights b·P (/N at stage 3; a bitsandbytes LLM linear weight counts 0.52 B in nf4, 1 B in int8, and ZeRO-3
+  is never chosen for a quantized base) + gradients b·T (/N from stage 2) + optimizer state 16·T with bf16/fp16
   (fp32 master, Adam m and v, fp32 gradient; 8·T in fp32; /N from stage 1; 0 with offload_optimizer=cpu)
   + communication buckets + activations of one micro-batch + 1.5 GiB (CUDA context, allocator slack).
 Activations (bf16, per layer): no checkpointing 2·(10·d + 4·i) bytes per LLM token and 2·(10·d_v + 2·i_v) per
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 FIXED_OVERHEAD = int(1.5 * GIB)
 CKPT_MODES = (False, "vision", "llm", True)
+# bytes per quantized weight: NF4 4 bits + a double-quantized absmax per 64 (~0.13 bit); int8 + a row scale
+QUANT_BYTES = {"nf4": 0.52, "int8": 1.0}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class ModelSize:
     vision_layers: int
     vision_intermediate: int
     patches_per_crop: int  # (scale_resolution / patch_size)²: a full 448×448 crop
+    quantized: int = 0  # parameters in bitsandbytes layers (model.quantization nf4/int8), part of `total`
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def estimate_bytes(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, sta
     ds = cfg.deepspeed
     b = 4 if cfg.model.dtype == "fp32" else 2
     n = max(1, world)
-    weights = b * size.total / (n if stage == 3 else 1)
+    quant_b = QUANT_BYTES.get(cfg.model.quantization, b)
+    weights = (b * (size.total - size.quantized) + quant_b * size.quantized) / (n if stage == 3 else 1)
     grads = b * size.trainable / (n if stage >= 2 else 1)
     opt_per_param = 8 if b == 4 else 16
     optimizer = 0 if ds.offload_optimizer == "cpu" else opt_per_param * size.trainable / (n if stage >= 1 else 1)
@@ -154,6 +159,8 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
         stages = [s for s in stages if s == 3]
     if ds.offload_optimizer == "cpu":
         stages = [s for s in stages if s >= 2]
+    if cfg.model.quantization != "none":
+        stages = [s for s in stages if s != 3]  # ZeRO-3 cannot partition bitsandbytes weights (validation says why)
     user_ckpt = cfg.model.gradient_checkpointing
     modes = [user_ckpt] if user_ckpt != "auto" else list(CKPT_MODES)
     if user_ckpt == "auto" and _tower_first(size, mb) == "llm":
@@ -188,6 +195,10 @@ def model_size(cfg: Config) -> ModelSize:
     conf = fam.config_class.from_checkpoint_dict(read_config_json(cfg.model.path))
     with torch.device("meta"):
         model = apply_trainable_policy(fam.model_class(conf), cfg.trainable, cfg.lora)
+    quantized = 0
+    if cfg.model.quantization != "none":  # the LLM linear layers bitsandbytes replaces (not lm_head)
+        quantized = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                        and "llm." in n and "lora_" not in n and not n.endswith("lm_head"))
     v = conf.vision_config_hf()
     side = int(conf.slice_config.get("scale_resolution", 448)) // conf.patch_size
     return ModelSize(total=trainable_parameter_counts(model, trainable_only=False)["total"],
@@ -195,7 +206,8 @@ def model_size(cfg: Config) -> ModelSize:
                      llm_hidden=conf.hidden_size, llm_layers=conf.num_hidden_layers,
                      llm_intermediate=conf.intermediate_size, vocab=conf.vocab_size,
                      vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers,
-                     vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side))
+                     vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side),
+                     quantized=quantized)
 
 
 def micro_batch_shape(cfg: Config, size: ModelSize) -> MicroBatch:

@@ -76,6 +76,9 @@ def peak_flops(device_name: Optional[str] = None) -> float:
 
 
 def _numel(p: torch.nn.Parameter) -> int:
+    quant = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight packs 2 weights per byte: count weights
+    if quant is not None and getattr(quant, "shape", None) is not None:
+        return int(torch.Size(quant.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 

@@ -187,9 +187,11 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference
     zero3 = " under ZeRO-3 (partitioned while loading)" if cfg.deepspeed.zero_stage == 3 else ""
-    say(f"loading model {cfg.model.path} ({cfg.model.dtype}){zero3} ...")
+    quant = f", {cfg.model.quantization} LLM linears" if cfg.model.quantization != "none" else ""
+    say(f"loading model {cfg.model.path} ({cfg.model.dtype}{quant}){zero3} ...")
     t0 = time.perf_counter()
-    model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
+    # model.path, attn_implementation, trust_remote_code; quantization: bitsandbytes layers built on this rank's device
+    model = load_model_for(cfg.model, dtype, device=_comm_device(cfg))
     if cfg.data.packing:  # the LLM's attention over packed rows (model.packed_attention)
         from ..models.packing import resolve_packed_attention, use_packed_attention
 

@@ -62,6 +62,20 @@ def test_zero0_and_zero1_apply_the_zero2_update(setup, capsys):
     assert losses[1] != losses[0]  # the weights moved between the two steps
 
 
+def test_qlora_zero0_and_zero1_apply_the_zero2_update(setup):
+    """model.quantization=nf4 (issue 14): the same equality on a 4-bit base (bitsandbytes' CPU backend)."""
+    pytest.importorskip("bitsandbytes")
+    ckpt, batches = setup
+    ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", "model.quantization=nf4")
+    for stage in (0, 1):
+        losses, trained, engine = run_steps(ckpt, batches, f"deepspeed.zero_stage={stage}", "model.quantization=nf4")
+        assert engine.zero_optimization_stage() == stage
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        for n in ref:  # Adam at lr 1e-2 turns last-bit differences of near-zero gradients into ~4e-6
+            torch.testing.assert_close(trained[n], ref[n], rtol=1e-4, atol=2e-5)
+    assert losses[1] != losses[0]  # the weights moved between the two steps (two different batches)
+
+
 def test_auto_picks_zero0_without_recompute_for_a_model_that_fits(setup, capsys):
     ckpt, batches = setup
     _, _, engine = run_steps(ckpt, batches)  # the defaults: zero_stage=auto, gradient_checkpointing=auto
