@@ -22,3 +22,29 @@ def published25(tmp_path_factory):
 
     return build_tiny("minicpmv2_5", tmp_path_factory.mktemp("published") / "MiniCPM-Llama3-V-2_5",
                       layout="published")
+
+
+@pytest.fixture(scope="session")
+def v4_files(tmp_path_factory):
+    """Tokenizer + image-processor files for the tiny 4.6 / 4.7 checkpoints (tests/v4_processor_files.py)."""
+    from v4_processor_files import write_processor_files
+
+    return write_processor_files(tmp_path_factory.mktemp("v4_files"))
+
+
+@pytest.fixture(scope="session")
+def tiny46(tmp_path_factory, v4_files):
+    """A tiny random MiniCPM-V 4.6 checkpoint (transformers' config classes, sharded safetensors), ~1 s."""
+    from raytune_minicpmv.models import build_tiny
+
+    return build_tiny("minicpmv4_6", tmp_path_factory.mktemp("tiny46") / "MiniCPM-V-4.6", tokenizer=str(v4_files),
+                      max_shard_size="500KB")
+
+
+@pytest.fixture(scope="session")
+def tiny47(tmp_path_factory, v4_files):
+    """A tiny random MiniCPM-V 4.7 checkpoint (dense LLM), ~1 s."""
+    from raytune_minicpmv.models import build_tiny
+
+    return build_tiny("minicpmv4_7", tmp_path_factory.mktemp("tiny47") / "MiniCPM-V-4.7", tokenizer=str(v4_files),
+                      max_shard_size="500KB")

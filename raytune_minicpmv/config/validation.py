@@ -69,6 +69,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              "model.path: required (a checkpoint directory; `raytune-minicpmv demo` builds a tiny one)")
         need(not m.path or _exists(m.path), f"model.path: {m.path} does not exist")
         p += checkpoint_problems(m.path, m.family)
+    p += _family_problems(cfg)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:
@@ -184,6 +185,28 @@ def _exists(path: str) -> bool:
     if is_uri(path):
         return True  # remote storage is checked when it is opened
     return os.path.exists(path)
+
+
+def _family_problems(cfg: Config) -> list[str]:
+    """Settings that only some model families support (imports the model registry only when one is set)."""
+    m, p = cfg.model, []
+    wants_packing = bool(getattr(cfg.data, "packing", False))
+    if m.downsample_mode is None and not wants_packing:
+        return p
+    from ..models.forward import family_supports_packing
+    from ..models.registry import FAMILIES
+
+    fam = FAMILIES.get(m.family)
+    if fam is None:
+        return p  # an unknown family is reported by the train/preprocess checks, with the list of families
+    if m.downsample_mode is not None and not fam.hf_native:
+        p.append(f"model.downsample_mode: {m.downsample_mode!r} is a MiniCPM-V 4.6/4.7 setting; {m.family} has a "
+                 "resampler with a fixed query count (leave model.downsample_mode unset)")
+    if wants_packing and not family_supports_packing(m.family):
+        p.append(f"data.packing: {m.family} has a hybrid LLM (Gated-DeltaNet linear-attention layers carry state "
+                 "across tokens), and packing gives those layers no sample boundaries: packed samples would leak "
+                 "into each other. Set data.packing=false for this family")
+    return p
 
 
 def resolve_llm_type(cfg: Config) -> str:

@@ -168,6 +168,8 @@ def model_size(cfg: Config) -> ModelSize:
     from ..models.registry import read_config_json
 
     fam = get_family(cfg.model.family)
+    if fam.hf_native:
+        return _hf_native_size(cfg, fam)
     conf = fam.config_class.from_checkpoint_dict(read_config_json(cfg.model.path))
     with torch.device("meta"):
         model = apply_trainable_policy(fam.model_class(conf), cfg.trainable, cfg.lora)
@@ -178,6 +180,24 @@ def model_size(cfg: Config) -> ModelSize:
                      llm_hidden=conf.hidden_size, llm_layers=conf.num_hidden_layers,
                      llm_intermediate=conf.intermediate_size, vocab=conf.vocab_size,
                      vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers,
+                     vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side))
+
+
+def _hf_native_size(cfg: Config, fam) -> ModelSize:
+    """4.6 / 4.7: the same counts from transformers' config (LLM and vision sizes in nested sub-configs)."""
+    import torch
+
+    from ..models import apply_trainable_policy, trainable_parameter_counts
+
+    conf = fam.config_class.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        model = apply_trainable_policy(fam.model_class(conf), cfg.trainable, cfg.lora)
+    t, v = conf.text_config, conf.vision_config
+    side = int(conf.image_size) // int(v.patch_size)
+    return ModelSize(total=trainable_parameter_counts(model, trainable_only=False)["total"],
+                     trainable=trainable_parameter_counts(model)["total"],
+                     llm_hidden=t.hidden_size, llm_layers=t.num_hidden_layers, llm_intermediate=t.intermediate_size,
+                     vocab=t.vocab_size, vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers,
                      vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side))
 
 

@@ -254,6 +254,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
     """One optimizer step; returns (local loss sum, global StepCounts, step s, data-wait s, lr applied)."""
 
     from ..models import compute_loss
+    from ..models.forward import forward_logits
 
     with Timer() as step_t:
         with Timer() as wait_t:
@@ -268,7 +269,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
             b = to_device(b, engine.device)
-            logits = engine(b).logits
+            logits = forward_logits(engine, b, cfg.model.family, cfg.model.downsample_mode)  # per family
             loss_sum, _ = compute_loss(logits, b["labels"])
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
@@ -286,6 +287,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     import torch.distributed as dist
 
     from ..models import compute_loss
+    from ..models.forward import forward_logits
     from ..data.pipeline import collate
 
     shard = dataset_shard("eval")
@@ -302,7 +304,8 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
         if not have.item():
             break
         b = to_device(batch, engine.device)
-        loss_sum, n_tok = compute_loss(engine(b).logits, b["labels"])
+        loss_sum, n_tok = compute_loss(forward_logits(engine, b, cfg.model.family, cfg.model.downsample_mode),
+                                       b["labels"])
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
         n += 1
     engine.train()
