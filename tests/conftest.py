@@ -25,26 +25,17 @@ def published25(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def v4_files(tmp_path_factory):
-    """Tokenizer + image-processor files for the tiny 4.6 / 4.7 checkpoints (tests/v4_processor_files.py)."""
-    from v4_processor_files import write_processor_files
+def tiny46(tmp_path_factory):
+    """A tiny random MiniCPM-V 4.6 checkpoint (transformers' config classes, sharded safetensors, the tiny 4.x
+    tokenizer + processor files), ~2 s."""
+    from raytune_minicpmv.models import build_tiny
 
-    return write_processor_files(tmp_path_factory.mktemp("v4_files"))
+    return build_tiny("minicpmv4_6", tmp_path_factory.mktemp("tiny46") / "MiniCPM-V-4.6", max_shard_size="500KB")
 
 
 @pytest.fixture(scope="session")
-def tiny46(tmp_path_factory, v4_files):
-    """A tiny random MiniCPM-V 4.6 checkpoint (transformers' config classes, sharded safetensors), ~1 s."""
+def tiny47(tmp_path_factory):
+    """A tiny random MiniCPM-V 4.7 checkpoint (dense LLM), ~2 s."""
     from raytune_minicpmv.models import build_tiny
 
-    return build_tiny("minicpmv4_6", tmp_path_factory.mktemp("tiny46") / "MiniCPM-V-4.6", tokenizer=str(v4_files),
-                      max_shard_size="500KB")
-
-
-@pytest.fixture(scope="session")
-def tiny47(tmp_path_factory, v4_files):
-    """A tiny random MiniCPM-V 4.7 checkpoint (dense LLM), ~1 s."""
-    from raytune_minicpmv.models import build_tiny
-
-    return build_tiny("minicpmv4_7", tmp_path_factory.mktemp("tiny47") / "MiniCPM-V-4.7", tokenizer=str(v4_files),
-                      max_shard_size="500KB")
+    return build_tiny("minicpmv4_7", tmp_path_factory.mktemp("tiny47") / "MiniCPM-V-4.7", max_shard_size="500KB")

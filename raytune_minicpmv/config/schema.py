@@ -64,9 +64,7 @@ class ModelConfig:
     # from the engine's memory estimate (printed by the worker; see docs/TRAINING.md "Engine choice")
     gradient_checkpointing: Literal[True, False, "auto", "vision", "llm"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    # 4.6 / 4.7 only: visual tokens per crop, "16x" (patches/16, the window merger on) or "4x" (patches/4, 4x the
-    # tokens); passed to the model's forward (the data stage gives the same to the processor). None: config.json's
-    downsample_mode: Optional[Literal["16x", "4x"]] = None
+    downsample_mode: Literal["16x", "4x"] = "16x"  # 4.6/4.7: visual tokens = patches/16 or /4 (processor + model)
 
 
 @dataclass(frozen=True)

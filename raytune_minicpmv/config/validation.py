@@ -191,7 +191,7 @@ def _family_problems(cfg: Config) -> list[str]:
     """Settings that only some model families support (imports the model registry only when one is set)."""
     m, p = cfg.model, []
     wants_packing = bool(getattr(cfg.data, "packing", False))
-    if m.downsample_mode is None and not wants_packing:
+    if m.downsample_mode == "16x" and not wants_packing:  # the default: nothing family-specific asked for
         return p
     from ..models.forward import family_supports_packing
     from ..models.registry import FAMILIES
@@ -199,9 +199,9 @@ def _family_problems(cfg: Config) -> list[str]:
     fam = FAMILIES.get(m.family)
     if fam is None:
         return p  # an unknown family is reported by the train/preprocess checks, with the list of families
-    if m.downsample_mode is not None and not fam.hf_native:
+    if m.downsample_mode != "16x" and not fam.hf_native:
         p.append(f"model.downsample_mode: {m.downsample_mode!r} is a MiniCPM-V 4.6/4.7 setting; {m.family} has a "
-                 "resampler with a fixed query count (leave model.downsample_mode unset)")
+                 "resampler with a fixed query count (leave model.downsample_mode at 16x)")
     if wants_packing and not family_supports_packing(m.family):
         p.append(f"data.packing: {m.family} has a hybrid LLM (Gated-DeltaNet linear-attention layers carry state "
                  "across tokens), and packing gives those layers no sample boundaries: packed samples would leak "

@@ -5,16 +5,18 @@
 
 2.x (our modeling): `model(batch)` with the collate dict. 4.6 / 4.7 (transformers' classes): the batch is exactly
 what `MiniCPMV4_6Processor` / `MiniCPMV4_7Processor` return (input_ids, attention_mask, packed pixel_values,
-target_sizes; 4.7 also mm_token_type_ids) plus `labels`; the model gets every key but `labels` as keyword
-arguments (the loss is ours: a sum and a token count, normalised over the global batch by the caller), plus
-`downsample_mode` when the run sets `model.downsample_mode` (None: the checkpoint's config decides) and
-`use_cache=False` (no KV / recurrent-state cache while training).
+target_sizes; 4.7 also mm_token_type_ids) plus `labels` (and the collate's `num_images`, for the throughput
+meter); the model gets every other key as keyword arguments (the loss is ours: a sum and a token count, normalised
+over the global batch by the caller), plus `downsample_mode` (`model.downsample_mode`, the same the data stage gave
+the processor; None: the checkpoint's config decides) and `use_cache=False` (no KV / recurrent-state cache).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+NOT_MODEL_INPUTS = ("labels", "num_images")  # batch keys for the loss / the meters, not for the 4.x forward
 
 
 def forward_logits(model, batch: dict, family: str, downsample_mode: Optional[str] = None) -> torch.Tensor:
@@ -23,7 +25,7 @@ def forward_logits(model, batch: dict, family: str, downsample_mode: Optional[st
 
     if not get_family(family).hf_native:
         return model(batch).logits
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     if downsample_mode is not None:
         inputs["downsample_mode"] = downsample_mode
     return model(**inputs, use_cache=False).logits

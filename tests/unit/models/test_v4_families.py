@@ -3,7 +3,8 @@ and the training forward/backward against a plain transformers forward of the sa
 
 Tiny checkpoints (tests/conftest.py `tiny46` / `tiny47`): vision hidden 32, 3 layers (window merger after layer 1),
 LLM hidden 64, 4 layers = 3 Gated-DeltaNet + 1 full attention, lm_head tied to embed_tokens.
-Batches come from transformers' own processor (tests/v4_processor_files.py). Run: pytest this file (~30 s).
+Batches come from transformers' own processor (models.processor4.load_processor4), at scale_resolution 112
+instead of 448 (64 patches per crop: CPU time). Run: pytest tests/unit/models/test_v4_families.py (~1-2 min).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from raytune_minicpmv.models import (FAMILIES, CheckpointError, apply_trainable_
                                      enable_gradient_checkpointing, get_family, load_model, part_of,
                                      trainable_parameter_counts)
 from raytune_minicpmv.models.forward import family_supports_packing, forward_logits
-from v4_processor_files import labelled_batch, load_processor
+from raytune_minicpmv.models.processor4 import load_processor4
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)  # the 2.x default regexes: a 4.x model uses its family's targets
 
@@ -31,8 +32,22 @@ def images():
     return [Image.new("RGB", (120, 90), (20, 180, 40)), Image.new("RGB", (610, 230), (200, 30, 30))]
 
 
+def labelled_batch(processor, texts: list[str], imgs: list, answer_tokens: int = 6) -> dict:
+    """The processor's batch plus `labels`: the last `answer_tokens` real tokens of each row as pre-shifted targets
+    (-100 elsewhere), the convention of the data stage's labels."""
+    batch = dict(processor(text=texts, images=imgs or None))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = torch.full_like(ids, -100)
+    for r in range(ids.shape[0]):
+        last = mask[r].nonzero().flatten()[-answer_tokens - 1:]
+        labels[r, last[:-1]] = ids[r, last[1:]]  # position t predicts token t+1
+    batch["labels"] = labels
+    return batch
+
+
 def batch_for(ckpt, family, downsample_mode="16x"):
-    proc = load_processor(ckpt, family, downsample_mode)
+    proc = load_processor4(ckpt, family, downsample_mode=downsample_mode)
+    proc.image_processor.scale_resolution, proc.image_processor.max_slice_nums = 112, 3
     texts = ["<|im_start|>user\n<|image_pad|>What is it?<|im_end|>\n<|im_start|>assistant\na green box<|im_end|>",
              "<|im_start|>user\n<|image_pad|>And this?<|im_end|>\n<|im_start|>assistant\na wide red one<|im_end|>"]
     return labelled_batch(proc, texts, images())
@@ -197,7 +212,7 @@ def test_v2_default_lora_regexes_are_the_config_defaults():
     """The policy swaps in a 4.x family's targets only when the config still has the 2.x defaults."""
     assert LoraConfig().target_modules == FAMILIES["minicpmv2_6"].lora_targets
     assert LoraConfig().vision_target_modules == FAMILIES["minicpmv2_6"].vision_lora_targets
-    assert isinstance(Config().model.downsample_mode, type(None))
+    assert Config().model.downsample_mode == "16x"
 
 
 def test_packing_rule_in_config_validation():
