@@ -28,7 +28,24 @@ def forward_logits(model, batch: dict, family: str, downsample_mode: Optional[st
     inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     if downsample_mode is not None:
         inputs["downsample_mode"] = downsample_mode
-    return model(**inputs, use_cache=False).logits
+    if "pixel_values" in inputs:
+        return model(**inputs, use_cache=False).logits
+    return _text_only(model, inputs, downsample_mode)
+
+
+def _text_only(model, inputs: dict, downsample_mode: Optional[str]) -> torch.Tensor:
+    """A batch without images, with the vision tower and connector still run once on a dummy 4x4-patch crop whose
+    contribution is exactly 0 (as the 2.x modeling does): under ZeRO-3 every rank must gather the same modules in
+    the same order (embeddings, vision, LLM — the order of an image batch) and every trained tensor must get a
+    gradient on every rank, else a rank with an image batch and one without fall out of step."""
+    core = getattr(model, "module", model)  # a DeepSpeed engine's model (PEFT forwards the calls below itself)
+    embeds = core.get_input_embeddings()(inputs["input_ids"])
+    pixels = embeds.new_zeros((1, 3, 14, 16 * 14))  # one crop of 4x4 patches: 1 token after the 4x + 4x merges
+    sizes = torch.tensor([[4, 4]], dtype=torch.int32, device=embeds.device)
+    dummy = core.get_image_features(pixels, sizes, downsample_mode=downsample_mode).pooler_output
+    # input_ids stay for 4.7's position ids; the given embeddings are used as they are (no second lookup)
+    logits = model(**inputs, inputs_embeds=embeds, use_cache=False).logits
+    return logits + 0.0 * torch.cat(list(dummy)).sum()
 
 
 def family_supports_packing(family: str) -> bool:

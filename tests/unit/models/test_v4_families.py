@@ -228,3 +228,21 @@ def test_packing_rule_in_config_validation():
         assert bool(problems) == refused, (family, problems)
         if refused:
             assert "linear-attention" in problems[0] and "data.packing=false" in problems[0]
+
+
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_text_only_batch_runs_a_zero_weight_dummy_crop(family, request):
+    """A text-only batch gives exactly the plain forward's logits, and the trained connector still gets a (zero)
+    gradient: every rank touches the vision side (ZeRO-3 gathers; tests/integration/test_v4_zero3_mixed.py)."""
+    ckpt = request.getfixturevalue("tiny46" if family == "minicpmv4_6" else "tiny47")
+    base = load_model(ckpt, dtype=torch.float32)
+    ids = torch.randint(0, 1500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    model = apply_trainable_policy(base, TrainableConfig(), LORA)
+    logits = forward_logits(model, {"input_ids": ids, "attention_mask": mask, "labels": ids}, family)
+    assert torch.equal(logits.detach(), plain)
+    logits.sum().backward()
+    connector = [p for n, p in model.named_parameters() if p.requires_grad and part_of(n) == "resampler"]
+    assert connector and all(p.grad is not None and not p.grad.any() for p in connector)
