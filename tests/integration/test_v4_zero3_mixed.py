@@ -1,9 +1,10 @@
 """MiniCPM-V 4.6 under DeepSpeed ZeRO-3 on CPU, 2 gloo processes, one with a text-only batch and one with images.
 
-transformers' 4.6 model skips its vision tower when a batch has no `pixel_values`; under ZeRO-3 the rank with images
-then all-gathers vision and connector partitions that the other rank never asks for, and the two fall out of step
-(gloo size mismatch or a hang: the timeout fails it). `models.forward.forward_logits` runs a zero-weight dummy crop
-for text-only batches, in the image batch's module order, so both ranks gather the same modules. The model is loaded
+transformers' 4.6 model skips its vision tower when a batch has no `pixel_values`, and its merger runs its MLP once
+per crop; under ZeRO-3 a rank with images (several crops) then all-gathers partitions that the other rank never asks
+for, and the two fall out of step (gloo size mismatch or a hang: the timeout fails it). `forward_logits` runs a
+zero-weight dummy crop for text-only batches, in the image batch's module order, and `mark_zero3_leaf_modules`
+makes the merger one ZeRO-3 unit (gathered once per call), so both ranks gather the same modules. The model is loaded
 the way the worker loads it (`load_model` with an `HfDeepSpeedConfig` alive, LoRA + trained connector copies).
 
 Run: flock /tmp/raytest.lock python -m pytest tests/integration/test_v4_zero3_mixed.py -q   (~1 min on 2 cores)
@@ -53,7 +54,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
 
     from raytune_minicpmv.config import LoraConfig, TrainableConfig
     from raytune_minicpmv.models import apply_trainable_policy, compute_loss, load_model
-    from raytune_minicpmv.models.forward import forward_logits
+    from raytune_minicpmv.models.forward import forward_logits, mark_zero3_leaf_modules
 
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -64,6 +65,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     model = apply_trainable_policy(load_model(ckpt, dtype=torch.float32), TrainableConfig(),
                                    LoraConfig(r=4, alpha=8, dropout=0.0))
     partitioned = all(hasattr(p, "ds_numel") for p in model.parameters())
+    leaves = mark_zero3_leaf_modules(model, "minicpmv4_6")  # as worker.build_engine does under ZeRO-3
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
     batch = _batch(rank, ckpt)
@@ -80,7 +82,8 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     with deepspeed.zero.GatheredParameters([merger]):
         merger_sum = float(merger.sum())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "partitioned": partitioned, "eval_ok": eval_ok, "merger_sum": merger_sum}, f)
+        json.dump({"losses": losses, "partitioned": partitioned, "eval_ok": eval_ok, "merger_sum": merger_sum,
+                   "leaves": leaves}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -90,6 +93,7 @@ def test_v46_zero3_text_only_rank_next_to_image_rank(tmp_path, tiny46):
     mp.spawn(_worker, args=(2, _free_port(), str(tiny46), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["partitioned"] and r1["partitioned"]
+    assert "base_model.model.model.merger.modules_to_save.default" in r0["leaves"]
     assert r0["eval_ok"] and r1["eval_ok"]
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (r0, r1))
     assert r0["losses"] != r1["losses"]  # different batches
