@@ -36,16 +36,28 @@ def forward_logits(model, batch: dict, family: str, downsample_mode: Optional[st
 def _text_only(model, inputs: dict, downsample_mode: Optional[str]) -> torch.Tensor:
     """A batch without images, with the vision tower and connector still run once on a dummy 4x4-patch crop whose
     contribution is exactly 0 (as the 2.x modeling does): under ZeRO-3 every rank must gather the same modules in
-    the same order (embeddings, vision, LLM — the order of an image batch) and every trained tensor must get a
-    gradient on every rank, else a rank with an image batch and one without fall out of step."""
-    core = getattr(model, "module", model)  # a DeepSpeed engine's model (PEFT forwards the calls below itself)
-    embeds = core.get_input_embeddings()(inputs["input_ids"])
-    pixels = embeds.new_zeros((1, 3, 14, 16 * 14))  # one crop of 4x4 patches: 1 token after the 4x + 4x merges
-    sizes = torch.tensor([[4, 4]], dtype=torch.int32, device=embeds.device)
-    dummy = core.get_image_features(pixels, sizes, downsample_mode=downsample_mode).pooler_output
-    # input_ids stay for 4.7's position ids; the given embeddings are used as they are (no second lookup)
-    logits = model(**inputs, inputs_embeds=embeds, use_cache=False).logits
-    return logits + 0.0 * torch.cat(list(dummy)).sum()
+    the same order and every trained tensor must get a gradient on every rank, else a rank with an image batch and
+    one without fall out of step. The dummy runs INSIDE the model's forward (a pre-hook on the language model,
+    ahead of DeepSpeed's own hook there): after the embedding lookup and before the LLM, the place where an image
+    batch runs its vision tower; calling a module outside the engine's forward would desynchronise the ranks."""
+    core = getattr(model, "module", model)  # a DeepSpeed engine's model
+    base = core.get_base_model() if hasattr(core, "get_base_model") else core  # under PEFT
+    vlm = base.model  # MiniCPMV4_6Model / MiniCPMV4_7Model: get_image_features + language_model
+    dummy = []
+
+    def run_dummy_crop(module, args, kwargs):
+        ref = kwargs.get("inputs_embeds")
+        pixels = ref.new_zeros((1, 3, 14, 16 * 14))  # one crop of 4x4 patches: 1 token after the 4x + 4x merges
+        sizes = torch.tensor([[4, 4]], dtype=torch.int32, device=ref.device)
+        out = vlm.get_image_features(pixels, sizes, downsample_mode=downsample_mode).pooler_output
+        dummy.append(torch.cat(list(out)).sum())
+
+    handle = vlm.language_model.register_forward_pre_hook(run_dummy_crop, with_kwargs=True, prepend=True)
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    return logits + 0.0 * dummy[0]
 
 
 def mark_zero3_leaf_modules(model, family: str) -> list[str]:
