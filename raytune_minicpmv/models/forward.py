@@ -60,26 +60,18 @@ def _text_only(model, inputs: dict, downsample_mode: Optional[str]) -> torch.Ten
     return logits + 0.0 * dummy[0]
 
 
-def mark_zero3_leaf_modules(model, family: str) -> list[str]:
-    """Before `deepspeed.initialize` under ZeRO-3: make DeepSpeed gather 4.x's `merger` as one unit.
+def family_supports_zero3(family: str) -> bool:
+    """Whether DeepSpeed ZeRO-3 (partitioned parameters) can train this family.
 
-    transformers' `MiniCPMV4_6Merger` runs its MLP once per crop (a Python loop), so a rank with 7 crops would
-    all-gather the MLP's partitions 7 times and a rank with 1 crop once: the ranks' collectives fall out of step
-    (gloo: "Received data size doesn't match"). As a ZeRO-3 leaf module its parameters are gathered once per call
-    of the merger, which every rank makes exactly once per forward (a text-only batch through the dummy crop).
-    Returns the names of the modules marked (PEFT's original and trained copies are both marked).
+    Not 4.6 / 4.7: transformers' `merger` runs its MLP once per crop (a Python loop), so under ZeRO-3 a rank with
+    7 crops all-gathers the MLP's partitions 7 times and a rank with 3 crops 3 times: the ranks' collectives fall
+    out of step (gloo: "Received data size doesn't match", or a hang). DeepSpeed's leaf-module marking, the usual
+    cure, leaves stale gradients behind in this model (`zero_grad` fails on CPU). The models are small (1.3-1.6 B):
+    ZeRO-2 holds them on any current card.
     """
     from .registry import get_family
 
-    if not get_family(family).hf_native:
-        return []
-    from deepspeed.utils import set_z3_leaf_modules
-    from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import MiniCPMV4_6Merger
-    from transformers.models.minicpmv4_7.modeling_minicpmv4_7 import MiniCPMV4_7Merger  # generated copy, same loop
-
-    classes = [MiniCPMV4_6Merger, MiniCPMV4_7Merger]
-    set_z3_leaf_modules(model, classes)
-    return [name for name, m in model.named_modules() if isinstance(m, tuple(classes))]
+    return not get_family(family).hf_native
 
 
 def family_supports_packing(family: str) -> bool:

@@ -187,10 +187,6 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     t0 = time.perf_counter()
     model = load_model_for(cfg.model, dtype)  # model.path, attn_implementation, trust_remote_code
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
-    if cfg.deepspeed.zero_stage == 3:
-        from ..models.forward import mark_zero3_leaf_modules
-
-        mark_zero3_leaf_modules(model, cfg.model.family)  # 4.x: per-crop loops inside a module (see there)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
     enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant

@@ -1,13 +1,11 @@
-"""MiniCPM-V 4.6 under DeepSpeed ZeRO-3 on CPU, 2 gloo processes, one with a text-only batch and one with images.
+"""MiniCPM-V 4.6 under DeepSpeed ZeRO-2 on CPU, 2 gloo processes, one with a text-only batch and one with images.
 
-transformers' 4.6 model skips its vision tower when a batch has no `pixel_values`, and its merger runs its MLP once
-per crop; under ZeRO-3 a rank with images (several crops) then all-gathers partitions that the other rank never asks
-for, and the two fall out of step (gloo size mismatch or a hang: the timeout fails it). `forward_logits` runs a
-zero-weight dummy crop for text-only batches, in the image batch's module order, and `mark_zero3_leaf_modules`
-makes the merger one ZeRO-3 unit (gathered once per call), so both ranks gather the same modules. The model is loaded
-the way the worker loads it (`load_model` with an `HfDeepSpeedConfig` alive, LoRA + trained connector copies).
+transformers' 4.6 model skips its vision tower when a batch has no `pixel_values`; `forward_logits` then runs a
+zero-weight dummy crop inside the forward, so every trained tensor (LoRA, the connector copies) gets a gradient on
+every rank and the ranks' gradient reductions match. ZeRO-3 is refused for 4.x (models.forward.family_supports_zero3:
+the merger loops over crops, so partitioned-parameter gathers differ per rank; a run like this one hung there).
 
-Run: flock /tmp/raytest.lock python -m pytest tests/integration/test_v4_zero3_mixed.py -q   (~1 min on 2 cores)
+Run: flock /tmp/raytest.lock python -m pytest tests/integration/test_v4_zero2_mixed.py -q   (~1 min on 2 cores)
 """
 from __future__ import annotations
 
@@ -50,22 +48,17 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
     from raytune_minicpmv.config import LoraConfig, TrainableConfig
     from raytune_minicpmv.models import apply_trainable_policy, compute_loss, load_model
-    from raytune_minicpmv.models.forward import forward_logits, mark_zero3_leaf_modules
+    from raytune_minicpmv.models.forward import forward_logits
 
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "zero_optimization": {"stage": 2},
                  "bf16": {"enabled": False}, "gradient_clipping": 1.0}
-    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while loading: built under zero.Init
     model = apply_trainable_policy(load_model(ckpt, dtype=torch.float32), TrainableConfig(),
                                    LoraConfig(r=4, alpha=8, dropout=0.0))
-    partitioned = all(hasattr(p, "ds_numel") for p in model.parameters())
-    leaves = mark_zero3_leaf_modules(model, "minicpmv4_6")  # as worker.build_engine does under ZeRO-3
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
     batch = _batch(rank, ckpt)
@@ -79,21 +72,17 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     with torch.no_grad():
         eval_ok = bool(torch.isfinite(forward_logits(engine, batch, "minicpmv4_6")).all())
     merger = next(p for n, p in model.named_parameters() if "model.merger.modules_to_save" in n and p.requires_grad)
-    with deepspeed.zero.GatheredParameters([merger]):
-        merger_sum = float(merger.sum())
+    merger_sum = float(merger.sum())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "partitioned": partitioned, "eval_ok": eval_ok, "merger_sum": merger_sum,
-                   "leaves": leaves}, f)
+        json.dump({"losses": losses, "eval_ok": eval_ok, "merger_sum": merger_sum}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.timeout(400)
-def test_v46_zero3_text_only_rank_next_to_image_rank(tmp_path, tiny46):
+def test_v46_zero2_text_only_rank_next_to_image_rank(tmp_path, tiny46):
     mp.spawn(_worker, args=(2, _free_port(), str(tiny46), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["partitioned"] and r1["partitioned"]
-    assert "base_model.model.model.merger.modules_to_save.default" in r0["leaves"]
     assert r0["eval_ok"] and r1["eval_ok"]
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in (r0, r1))
     assert r0["losses"] != r1["losses"]  # different batches
