@@ -22,3 +22,20 @@ def published25(tmp_path_factory):
 
     return build_tiny("minicpmv2_5", tmp_path_factory.mktemp("published") / "MiniCPM-Llama3-V-2_5",
                       layout="published")
+
+
+@pytest.fixture(scope="session")
+def tiny46(tmp_path_factory):
+    """A tiny random MiniCPM-V 4.6 checkpoint (transformers' config classes, sharded safetensors, the tiny 4.x
+    tokenizer + processor files), ~2 s."""
+    from raytune_minicpmv.models import build_tiny
+
+    return build_tiny("minicpmv4_6", tmp_path_factory.mktemp("tiny46") / "MiniCPM-V-4.6", max_shard_size="500KB")
+
+
+@pytest.fixture(scope="session")
+def tiny47(tmp_path_factory):
+    """A tiny random MiniCPM-V 4.7 checkpoint (dense LLM), ~2 s."""
+    from raytune_minicpmv.models import build_tiny
+
+    return build_tiny("minicpmv4_7", tmp_path_factory.mktemp("tiny47") / "MiniCPM-V-4.7", max_shard_size="500KB")

@@ -75,6 +75,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(not (m.liger is True and not cfg.scaling.use_gpu),
          "model.liger: true needs GPUs (Liger Kernel is Triton/CUDA); set scaling.use_gpu=true or model.liger=auto")
     p += _quantization_problems(cfg, check_paths)
+    p += _family_problems(cfg)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:
@@ -243,6 +244,33 @@ def _exists(path: str) -> bool:
     if is_uri(path):
         return True  # remote storage is checked when it is opened
     return os.path.exists(path)
+
+
+def _family_problems(cfg: Config) -> list[str]:
+    """Settings that only some model families support (imports the model registry only when one is set)."""
+    m, p = cfg.model, []
+    wants_packing = bool(getattr(cfg.data, "packing", False))
+    zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
+    if m.downsample_mode == "16x" and not wants_packing and not zero3:  # nothing family-specific asked for
+        return p
+    from ..models.forward import family_supports_packing, family_supports_zero3
+    from ..models.registry import FAMILIES
+
+    fam = FAMILIES.get(m.family)
+    if fam is None:
+        return p  # an unknown family is reported by the train/preprocess checks, with the list of families
+    if m.downsample_mode != "16x" and not fam.hf_native:
+        p.append(f"model.downsample_mode: {m.downsample_mode!r} is a MiniCPM-V 4.6/4.7 setting; {m.family} has a "
+                 "resampler with a fixed query count (leave model.downsample_mode at 16x)")
+    if zero3 and not family_supports_zero3(m.family):
+        p.append(f"deepspeed.zero_stage: 3 (and offload_param) is not supported for {m.family}: transformers' merger runs once per "
+                 "crop, so ranks with different crop counts fall out of step under partitioned parameters. Use "
+                 "deepspeed.zero_stage=2 (or auto), which holds this 1.3-1.6 B model on any current card")
+    if wants_packing and not family_supports_packing(m.family):
+        p.append(f"data.packing: {m.family} has a hybrid LLM (Gated-DeltaNet linear-attention layers carry state "
+                 "across tokens), and packing gives those layers no sample boundaries: packed samples would leak "
+                 "into each other. Set data.packing=false for this family")
+    return p
 
 
 def resolve_llm_type(cfg: Config) -> str:

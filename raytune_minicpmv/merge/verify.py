@@ -106,10 +106,11 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # Models
 
 
-def _is_minicpmv(path) -> bool:
+def _is_minicpmv(path):
+    """The MiniCPM-V family name of a checkpoint (truthy), or None for any other model."""
     from ..models.registry import detect_family, read_config_json
 
-    return detect_family(read_config_json(path)) is not None
+    return detect_family(read_config_json(path))
 
 
 def _load(path, dtype: torch.dtype, native: bool) -> torch.nn.Module:
@@ -146,13 +147,15 @@ def _load_extra_tensors(model: torch.nn.Module, adapter_dir: Path, side_file_onl
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, batches: list, device: torch.device, native: bool) -> list[torch.Tensor]:
+def _logits(model: torch.nn.Module, batches: list, device: torch.device, native) -> list[torch.Tensor]:
     model.to(device)
     out = []
     for batch in batches:
-        if native:
+        if native:  # the family name: 2.x take the batch dict, 4.x the processor's keywords (models/forward.py)
+            from ..models.forward import forward_logits
+
             batch = _to_device(batch, device)
-            out.append(model(batch).logits.float().cpu())
+            out.append(forward_logits(model, batch, native).float().cpu())
         else:
             out.append(model(input_ids=batch.to(device)).logits.float().cpu())
     return out

@@ -22,5 +22,14 @@ def save_adapter(peft_model, out_dir: str | Path, state_dict: dict | None = None
     cfg = json.loads(path.read_text())
     if cfg.get("task_type") is None:  # PEFT only writes auto_mapping without a task type (ours: none, as official)
         cfg["auto_mapping"] = dict(PORTABLE_AUTO_MAPPING)
+        if _hf_native(peft_model):  # 4.6 / 4.7: transformers' own class with the LM head, no remote code
+            cfg["auto_mapping"]["base_model_class"] = "AutoModelForImageTextToText"
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _hf_native(peft_model) -> bool:
+    from .registry import FAMILIES, family_of_model
+
+    name = family_of_model(peft_model)
+    return bool(name) and FAMILIES[name].hf_native

@@ -96,10 +96,14 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch
     return total, n_tokens
 
 
-def batch_loss(model, batch: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, label-token count) of one micro-batch: from the model's hidden states (`fused`, native models:
-    `model(batch, loss_only=True)`) or from its logits (`compute_loss`)."""
+def batch_loss(model, batch: dict, fused: bool, family: str = "minicpmv2_6",
+               downsample_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, label-token count) of one micro-batch: from the model's hidden states (`fused`, our 2.x models:
+    `model(batch, loss_only=True)`) or from its logits (`compute_loss` over `forward.forward_logits`, which calls
+    each family the way it takes its batch)."""
     if fused:
         out = model(batch, loss_only=True)
         return out.loss_sum, out.n_tokens
-    return compute_loss(model(batch).logits, batch["labels"])
+    from .forward import forward_logits
+
+    return compute_loss(forward_logits(model, batch, family, downsample_mode), batch["labels"])

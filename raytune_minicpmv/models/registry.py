@@ -10,6 +10,10 @@ remote code) loads into our native class WITHOUT `trust_remote_code`; weights co
 missing/unexpected/mis-shaped key is one error listing them all. A checkpoint of a family we do not implement loads
 through its own remote code only when `trust_remote_code=True` (off by default; a run sets it with
 `model.trust_remote_code: true`, which `load_model_for(cfg.model)` passes on), with a warning.
+
+MiniCPM-V 4.6 / 4.7 (`model_type` minicpmv4_6 / minicpmv4_7) are shipped by transformers itself: those families
+(`hf_native`) load with transformers' `MiniCPMV4_6ForConditionalGeneration` / `MiniCPMV4_7ForConditionalGeneration`
+(no re-implementation, no remote code), equally strict about keys; `models/forward.py` calls them per family.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import (AutoConfig, AutoModel, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration,
+                          MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration)
 
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
 from .modeling import MiniCPMV25, MiniCPMV26, MiniCPMVBase
@@ -31,19 +36,33 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
-    version: str  # the `version` field of the remote-code config.json
-    llm_type: str  # chat template family used by the data stage
+    version: str  # the `version` field of the remote-code config.json (4.x: informative only)
+    llm_type: str  # chat template family used by the data stage (qwen2 = ChatML, also Qwen3.5's)
     config_class: Optional[type] = None
     model_class: Optional[type] = None
     blocked: Optional[str] = None  # why the family cannot be built natively (None: supported)
     # why it cannot train on packed rows (data.packing), e.g. linear-attention layers whose state would run from
     # one sample into the next; None: supported. Read only through models.packing.packing_refusal
     no_packing: Optional[str] = None
+    # True: transformers ships the model (4.6/4.7): keyword-argument forward with the processor's batch, the
+    # `model.*` layout, loaded with the transformers class itself. False: our own 2.x modeling (batch-dict forward).
+    hf_native: bool = False
+    lora_targets: str = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    vision_lora_targets: str = r"vpm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
     def check_supported(self) -> None:
         if self.blocked:
             raise NotImplementedError(f"model family {self.name}: {self.blocked}")
 
+
+# 4.6/4.7: the LLM is hybrid (Qwen3.5: 3 of 4 layers Gated-DeltaNet `linear_attn`, every 4th `self_attn`), so
+# the default LoRA targets are the token-mixing projections of BOTH layer kinds (q/k/v/o of full attention; the
+# fused q-k-v input, the output-gate input `in_proj_z` and `out_proj` of linear attention) — attention-only LoRA
+# on `self_attn` would adapt just a quarter of the layers. Left out: the per-head scalars `in_proj_a`/`in_proj_b`
+# (a handful of rows each), the depthwise `conv1d`, the MLPs (add `mlp\.(gate_proj|up_proj|down_proj)` for more).
+V4_LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+                   r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))")
+V4_VISION_LORA_TARGETS = r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
 FAMILIES: dict[str, ModelFamily] = {
     "minicpmv2_6": ModelFamily("minicpmv2_6", "2.6", "qwen2", MiniCPMV26Config, MiniCPMV26),
@@ -53,10 +72,14 @@ FAMILIES: dict[str, ModelFamily] = {
         blocked="not implemented natively: its vision tower is a timm ViT (`vpm.blocks.*`, `vpm.pos_embed`; timm is "
                 "not a dependency) and its LLM is MiniCPM-2.4B (muP `scale_emb`/`scale_depth`), which transformers "
                 "does not ship; load it with model.trust_remote_code=true (needs timm and transformers<4.42)"),
+    "minicpmv4_6": ModelFamily("minicpmv4_6", "4.6", "qwen2", MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration,
+                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS),
+    "minicpmv4_7": ModelFamily("minicpmv4_7", "4.7", "qwen2", MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration,
+                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS),
 }
 
 for _fam in FAMILIES.values():
-    if _fam.config_class is not None:
+    if _fam.config_class is not None and not _fam.hf_native:  # transformers registers its own
         AutoConfig.register(_fam.config_class.model_type, _fam.config_class, exist_ok=True)
         AutoModel.register(_fam.config_class, _fam.model_class, exist_ok=True)
 
@@ -81,7 +104,7 @@ def detect_family(raw: dict) -> Optional[str]:
         return None
     version = str(raw.get("version", "")).strip()
     for fam in FAMILIES.values():
-        if version == fam.version:
+        if version == fam.version and not fam.hf_native:
             return fam.name
     if not version and raw.get("hidden_size") == 2304 and raw.get("query_num", 64) == 64:
         return "minicpmv2_0"  # vLLM's rule: 2.0 has no version field
@@ -110,15 +133,19 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
 
     `quantization` nf4 / int8: bitsandbytes LLM linear layers (quantized here on `device`, default cpu, or read
     as a pre-quantized checkpoint lays them out; models/quantization.py)."""
-    from .quantization import cast_unquantized, from_pretrained_kwargs
+    from .quantization import KEEP_BY_FAMILY, cast_unquantized, from_pretrained_kwargs, keep_unquantized
 
     dtype = as_torch_dtype(dtype)
     raw = read_config_json(path)
-    quant_kwargs = from_pretrained_kwargs(raw, quantization, dtype, device or "cpu")
     name = detect_family(raw)
+    quant_kwargs = from_pretrained_kwargs(raw, quantization, dtype, device or "cpu",
+                                          **({"keep": keep_unquantized(name)} if name in KEEP_BY_FAMILY else {}))
     if name is None or FAMILIES[name].blocked:
         return _load_remote_code(path, raw, name, dtype, trust_remote_code, quant_kwargs)
     family = FAMILIES[name]
+    if family.hf_native:
+        model = _load_hf_native(path, family, dtype, attn_implementation, quant_kwargs)
+        return cast_unquantized(model, dtype) if quant_kwargs else model
     config = family.config_class.from_checkpoint_dict(raw)
     model, info = family.model_class.from_pretrained(
         str(path), config=config, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
@@ -131,6 +158,24 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.bfloat16, trus
                               f"{config.vision_layers} vision layers, {config.num_hidden_layers} LLM layers):\n  "
                               + "\n  ".join(problems))
     return cast_unquantized(model, dtype) if quant_kwargs else model
+
+
+def _load_hf_native(path, family: ModelFamily, dtype: torch.dtype, attn_implementation: str,
+                    quant_kwargs: Optional[dict] = None) -> torch.nn.Module:
+    """4.6/4.7: transformers' own class and config; strict about keys like the 2.x path (a tied `lm_head` is no
+    missing key: transformers ties it to `model.language_model.embed_tokens` when the config says so)."""
+    model, info = family.model_class.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True,
+        **(quant_kwargs or {}))
+    problems = [f"{kind}: {', '.join(sorted(keys))}" for kind, keys in
+                (("missing keys", info.get("missing_keys")), ("unexpected keys", info.get("unexpected_keys")),
+                 ("mismatched shapes", [str(k) for k in info.get("mismatched_keys") or []])) if keys]
+    if problems:
+        text = model.config.text_config
+        raise CheckpointError(f"{path} does not match {family.name} (config.json says "
+                              f"{model.config.vision_config.num_hidden_layers} vision layers, "
+                              f"{text.num_hidden_layers} LLM layers):\n  " + "\n  ".join(problems))
+    return model
 
 
 def load_model_for(model_cfg, dtype: torch.dtype | str | None = None, device=None) -> torch.nn.Module:
@@ -171,5 +216,11 @@ def is_native(model: torch.nn.Module) -> bool:
     return isinstance(model, MiniCPMVBase)
 
 
+def family_of_model(model: torch.nn.Module) -> Optional[str]:
+    """The family of a loaded model (PEFT-wrapped or not) from its config's model_type; None when unknown."""
+    config = getattr(model, "config", None)
+    return detect_family(config.to_dict()) if config is not None else None
+
+
 __all__ = ["FAMILIES", "ModelFamily", "CheckpointError", "MiniCPMVConfig", "get_family", "load_model", "load_model_for",
-           "detect_family", "read_config_json", "is_native", "as_torch_dtype"]
+           "detect_family", "read_config_json", "is_native", "as_torch_dtype", "family_of_model"]

@@ -18,6 +18,10 @@ LLM: Qwen2-7B / Llama3-8B dims); `llm_hidden`, `llm_layers`, `llm_heads` (defaul
 `max_slice_nums` (9), `vision_batch_size` (16), `seed` (0), `dtype` (float32), `max_shard_size` ("2GB").
 Resampler heads are `llm_hidden // 128`, so keep `llm_hidden >= 128`.
 
+4.6 / 4.7 (`minicpmv4_6`, `minicpmv4_7`): see tiny_v4.py (transformers' config classes; tokenizer + processor
+files from `tiny_processor4`, or the 4.x tokenizer in `tokenizer`); `vocab_size`, `max_slice_nums`, `seed`, `dtype`
+and `max_shard_size` apply.
+
 `layout="published"` (2.6, 2.5) writes the folder users download instead (models/published.py): the real
 config.json/tokenizer_config.json/preprocessor files with only the sizes shrunk; then only the size arguments,
 `tokenizer`, `seed` and `dtype` (float32 means "the default", bf16) apply.
@@ -64,6 +68,11 @@ def build_tiny(family: str, out_dir, *, vision: str = "tiny", llm: str = "tiny",
 
     `layout="published"`: the users' layout instead (real config.json with only sizes shrunk, original tokenizer
     config, sharded bf16 weights, remote-code placeholders): see `published.build_published`."""
+    if get_family(family).hf_native:  # 4.6 / 4.7: transformers' config classes (tiny_v4.py)
+        from .tiny_v4 import build_tiny_v4
+
+        return build_tiny_v4(family, out_dir, tokenizer=tokenizer, seed=seed, dtype=dtype, vocab_size=vocab_size,
+                             max_slice_nums=max_slice_nums, max_shard_size=max_shard_size)
     if layout == "published":
         return _build_published(family, out_dir, locals())
     if layout != "native":

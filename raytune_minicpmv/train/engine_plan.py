@@ -155,6 +155,8 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
     """The cheapest (stage, checkpointing) the config allows whose estimate fits; see the module docstring."""
     ds = cfg.deepspeed
     stages = [ds.zero_stage] if ds.zero_stage != "auto" else [0, 1, 2, 3]
+    if ds.zero_stage == "auto" and not _zero3_ok(cfg.model.family):
+        stages = [0, 1, 2]  # 4.6 / 4.7 (models.forward.family_supports_zero3)
     if ds.offload_param == "cpu":
         stages = [s for s in stages if s == 3]
     if ds.offload_optimizer == "cpu":
@@ -178,6 +180,13 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
     return EnginePlan(stage, ckpt, capacity_bytes, budget, tried, fits=False)
 
 
+def _zero3_ok(family: str) -> bool:
+    from ..models.forward import family_supports_zero3
+    from ..models.registry import FAMILIES
+
+    return family not in FAMILIES or family_supports_zero3(family)
+
+
 def _tower_first(size: ModelSize, mb: MicroBatch) -> str:
     """The tower whose checkpointing saves more memory: text-heavy data checkpoints the LLM first."""
     return "llm" if activation_bytes(size, mb, "llm") < activation_bytes(size, mb, "vision") else "vision"
@@ -192,6 +201,8 @@ def model_size(cfg: Config) -> ModelSize:
     from ..models.registry import read_config_json
 
     fam = get_family(cfg.model.family)
+    if fam.hf_native:
+        return _hf_native_size(cfg, fam)
     conf = fam.config_class.from_checkpoint_dict(read_config_json(cfg.model.path))
     with torch.device("meta"):
         model = apply_trainable_policy(fam.model_class(conf), cfg.trainable, cfg.lora)
@@ -208,6 +219,24 @@ def model_size(cfg: Config) -> ModelSize:
                      vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers,
                      vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side),
                      quantized=quantized)
+
+
+def _hf_native_size(cfg: Config, fam) -> ModelSize:
+    """4.6 / 4.7: the same counts from transformers' config (LLM and vision sizes in nested sub-configs)."""
+    import torch
+
+    from ..models import apply_trainable_policy, trainable_parameter_counts
+
+    conf = fam.config_class.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        model = apply_trainable_policy(fam.model_class(conf), cfg.trainable, cfg.lora)
+    t, v = conf.text_config, conf.vision_config
+    side = int(conf.image_size) // int(v.patch_size)
+    return ModelSize(total=trainable_parameter_counts(model, trainable_only=False)["total"],
+                     trainable=trainable_parameter_counts(model)["total"],
+                     llm_hidden=t.hidden_size, llm_layers=t.num_hidden_layers, llm_intermediate=t.intermediate_size,
+                     vocab=t.vocab_size, vision_hidden=v.hidden_size, vision_layers=v.num_hidden_layers,
+                     vision_intermediate=v.intermediate_size, patches_per_crop=int(side * side))
 
 
 def micro_batch_shape(cfg: Config, size: ModelSize) -> MicroBatch:

@@ -82,7 +82,15 @@ def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+_V4_PARTS = (("llm", "model.language_model."), ("llm", "lm_head."), ("resampler", "model.merger."),
+             ("resampler", "model.vision_tower.vit_merger."), ("vpm", "model.vision_tower."))  # 4.6 / 4.7 layout
+
+
 def _part_of(name: str) -> Optional[str]:
+    bare = name.removeprefix("base_model.model.").removeprefix("module.")
+    for part, prefix in _V4_PARTS:
+        if bare.startswith(prefix):
+            return part
     for part in ("llm", "vpm", "resampler"):
         if name.startswith(part + ".") or f".{part}." in name:
             return part
@@ -119,9 +127,10 @@ class FlopModel:
         vcfg = getattr(cfg, "vision_config", None) or {}
         if not isinstance(vcfg, dict):
             vcfg = vcfg.to_dict()
+        text = getattr(cfg, "text_config", None) or cfg  # 4.x: the LLM's sizes sit in a nested text config
         return cls(total, trainable,
-                   llm_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
-                   llm_hidden=int(getattr(cfg, "hidden_size", 0) or 0),
+                   llm_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+                   llm_hidden=int(getattr(text, "hidden_size", 0) or 0),
                    # the layers that run (drop_vision_last_layer), when the config knows them
                    vision_layers=int(getattr(cfg, "vision_layers", None) or vcfg.get("num_hidden_layers", 0)),
                    vision_hidden=int(vcfg.get("hidden_size", 0)))
@@ -160,9 +169,12 @@ class StepCounts:
         mask = batch["attention_mask"]
         # a packed row (data.packing) holds several samples: count them and their lengths, not the row
         lens = torch.as_tensor(batch["seq_lens"]).double() if "seq_lens" in batch else mask.sum(dim=1).double()
-        patches = [float(h * w) for ts in batch.get("tgt_sizes", []) for h, w in _pairs(ts)]
-        # images, not crops: a sliced image is 1 image and several crops (collate carries the per-row image count)
-        n_images = float(torch.as_tensor(batch["num_images"]).sum())
+        # 2.x: per-row `tgt_sizes`; 4.x: the processor's `target_sizes` of all crops of the batch (one tensor)
+        sizes = batch["target_sizes"][None] if "target_sizes" in batch else batch.get("tgt_sizes", [])
+        patches = [float(h * w) for ts in sizes for h, w in _pairs(ts)]
+        # images, not crops: a sliced image is 1 image and several crops (collate carries the per-row image count;
+        # a 4.x batch is the processor's output, which has no image count: 0 there)
+        n_images = float(torch.as_tensor(batch["num_images"]).sum()) if "num_images" in batch else 0.0
         return cls(label_tokens=float((batch["labels"] != -100).sum()), real_tokens=float(lens.sum()),
                    padded_tokens=float(mask.numel()), samples=float(len(lens)), images=n_images,
                    crops=float(len(patches)), patches=sum(patches), sum_len_sq=float((lens ** 2).sum()),

@@ -299,7 +299,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
             b = to_device(with_label_positions(b) if fused else b, engine.device)
-            loss_sum, _ = batch_loss(engine, b, fused)
+            loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
             engine.step()
             loss_total += loss_sum.detach().double()  # stays on the device: no host sync per micro-batch
@@ -333,7 +333,8 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
         if not have.item():
             break
         b = to_device(batch, engine.device)
-        loss_sum, n_tok = batch_loss(engine, b, uses_fused_loss(engine.module))
+        loss_sum, n_tok = batch_loss(engine, b, uses_fused_loss(engine.module), cfg.model.family,
+                                   cfg.model.downsample_mode)
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
         n += 1
     engine.train()

@@ -89,3 +89,22 @@ def test_a_dashboard_url_in_ray_address_is_not_a_cluster_to_join(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # exported for `submit`
     assert ray_address(load_config(None, check_paths=False).ray) is None
+
+
+@pytest.mark.parametrize("name,family,llm", [("minicpmv46_lora.yaml", "minicpmv4_6", "lora"),
+                                             ("minicpmv47_lora.yaml", "minicpmv4_7", "lora"),
+                                             ("minicpmv46_full.yaml", "minicpmv4_6", "full")])
+def test_v4_recipes(name, family, llm):
+    """4.6 / 4.7 recipes: their family, ZeRO-2 for a model this small, the lr class of the method, the family's LoRA
+    targets (both layer kinds of the hybrid LLM), downsample 16x, and no packing (refused for hybrid LLMs)."""
+    from raytune_minicpmv.models import FAMILIES
+
+    cfg = load_config(ROOT / "configs" / name, check_paths=False)
+    assert cfg.model.family == family and cfg.trainable.llm == llm
+    assert cfg.deepspeed.zero_stage == 2 and cfg.model.downsample_mode == "16x"
+    assert not getattr(cfg.data, "packing", False)
+    if llm == "lora":
+        assert 1e-4 <= cfg.optim.lr <= 3e-4 and cfg.trainable.resampler == "full"
+        assert cfg.lora.target_modules == FAMILIES[family].lora_targets
+    else:
+        assert 1e-6 < cfg.optim.lr <= 2e-5 and cfg.trainable.embed_tokens == "full"

@@ -220,3 +220,16 @@ def test_a_prequantized_checkpoint_loads_in_the_asked_dtype(int4):
     model = load_model(int4[1], dtype=torch.float32, quantization="nf4")
     assert {p.dtype for p in model.parameters() if p.dtype.is_floating_point} == {torch.float32}
     assert torch.isfinite(logits(model, batch(q=model.config.query_num))).all()
+
+
+def test_a_46_checkpoint_loads_nf4_through_our_loader_with_only_language_model_linears_quantized(tiny46):
+    """The registry passes the 4.x kept modules to bitsandbytes: the vision tower, merger and tied head stay in the
+    model dtype and every language-model linear becomes 4-bit (the tiny model's odd dims do not fit the CPU 4-bit
+    kernel's blocks, so no forward here; the 2.6 tests above run one)."""
+    model = load_model(tiny46, dtype=torch.float32, quantization="nf4")
+    names = quantized_module_names(model)
+    assert names and all(n.startswith("model.language_model.") for n in names)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(
+        m, bnb.nn.Linear4bit)]
+    assert not [n for n in linears if n.startswith("model.language_model.")]
+    assert {"lm_head"} <= set(linears) and any(n.startswith("model.vision_tower.") for n in linears)
