@@ -253,7 +253,7 @@ def _family_problems(cfg: Config) -> list[str]:
     zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
     if m.downsample_mode == "16x" and not wants_packing and not zero3:  # nothing family-specific asked for
         return p
-    from ..models.forward import family_supports_packing, family_supports_zero3
+    from ..models.forward import family_supports_zero3
     from ..models.registry import FAMILIES
 
     fam = FAMILIES.get(m.family)
@@ -266,10 +266,6 @@ def _family_problems(cfg: Config) -> list[str]:
         p.append(f"deepspeed.zero_stage: 3 (and offload_param) is not supported for {m.family}: transformers' merger runs once per "
                  "crop, so ranks with different crop counts fall out of step under partitioned parameters. Use "
                  "deepspeed.zero_stage=2 (or auto), which holds this 1.3-1.6 B model on any current card")
-    if wants_packing and not family_supports_packing(m.family):
-        p.append(f"data.packing: {m.family} has a hybrid LLM (Gated-DeltaNet linear-attention layers carry state "
-                 "across tokens), and packing gives those layers no sample boundaries: packed samples would leak "
-                 "into each other. Set data.packing=false for this family")
     return p
 
 

@@ -75,13 +75,8 @@ def family_supports_zero3(family: str) -> bool:
 
 
 def family_supports_packing(family: str) -> bool:
-    """Whether several samples may share one sequence (`data.packing`) for this family.
+    """Whether several samples may share one sequence (`data.packing`) for this family: `packing.packing_refusal`
+    decides (not for 4.6 / 4.7, registry.V4_NO_PACKING says why)."""
+    from .packing import packing_refusal
 
-    Not for 4.6 / 4.7: 3 of 4 LLM layers are Gated-DeltaNet linear attention, whose causal convolution and
-    recurrent state run along the whole sequence. Packing separates samples for attention only (masks/positions);
-    it hands those layers no per-sample boundaries, so packed samples would read each other's state: silent
-    cross-talk. Until boundaries reach the linear-attention kernels too, such families train unpacked.
-    """
-    from .registry import get_family
-
-    return not get_family(family).hf_native
+    return packing_refusal(family) is None

@@ -64,6 +64,12 @@ V4_LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_p
                    r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))")
 V4_VISION_LORA_TARGETS = r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
+# 4.6 / 4.7: 3 of 4 LLM layers are Gated-DeltaNet linear attention, whose causal convolution and recurrent state
+# run along the whole sequence; packing separates samples for attention only (masks / positions), so packed samples
+# would read each other's state (silent cross-talk). Until boundaries reach those kernels, they train unpacked.
+V4_NO_PACKING = ("a hybrid LLM: its Gated-DeltaNet linear-attention layers carry state across tokens and get no "
+                 "sample boundaries, so packed samples would leak into each other")
+
 FAMILIES: dict[str, ModelFamily] = {
     "minicpmv2_6": ModelFamily("minicpmv2_6", "2.6", "qwen2", MiniCPMV26Config, MiniCPMV26),
     "minicpmv2_5": ModelFamily("minicpmv2_5", "2.5", "llama3", MiniCPMV25Config, MiniCPMV25),
@@ -73,9 +79,11 @@ FAMILIES: dict[str, ModelFamily] = {
                 "not a dependency) and its LLM is MiniCPM-2.4B (muP `scale_emb`/`scale_depth`), which transformers "
                 "does not ship; load it with model.trust_remote_code=true (needs timm and transformers<4.42)"),
     "minicpmv4_6": ModelFamily("minicpmv4_6", "4.6", "qwen2", MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration,
-                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS),
+                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
+                               no_packing=V4_NO_PACKING),
     "minicpmv4_7": ModelFamily("minicpmv4_7", "4.7", "qwen2", MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration,
-                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS),
+                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
+                               no_packing=V4_NO_PACKING),
 }
 
 for _fam in FAMILIES.values():

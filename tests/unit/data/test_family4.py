@@ -245,8 +245,8 @@ def test_model_side_and_fingerprint_of_a_46_run(env, tmp_path):
     (tmp_path / "train.json").write_text("[]")
     cfg = config_from_dict({"data": {"train_path": str(tmp_path / "train.json"), "max_slice_nums": 4,
                                      "tokenizer_path": str(root / "tok")},
-                            "model": {"path": str(ckpt), "downsample_mode": "4x"}})
-    spec, tok_path = model_side(cfg)  # model.family stays the default: the checkpoint's model_type decides
+                            "model": {"path": str(ckpt), "family": "minicpmv4_6", "downsample_mode": "4x"}})
+    spec, tok_path = model_side(cfg)
     assert spec == Spec4("minicpmv4_6", str(ckpt), "4x", 4) and tok_path == str(root / "tok")
     before = inputs_fingerprint(cfg.data, spec, tok_path)
     (ckpt / "processor_config.json").write_text((ckpt / "processor_config.json").read_text().replace(

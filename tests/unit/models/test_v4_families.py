@@ -216,14 +216,14 @@ def test_v2_default_lora_regexes_are_the_config_defaults():
 
 
 def test_packing_rule_in_config_validation():
-    """data.packing (branch i12pack adds the field; a DataConfig with it stands in here) is refused for 4.x."""
+    """data.packing is refused for 4.x (hybrid linear-attention LLM), allowed for 2.6."""
     import dataclasses
 
-    from raytune_minicpmv.config import DataConfig, ModelConfig
+    from raytune_minicpmv.config import DataConfig, ModelConfig, TrainConfig
 
-    packed = dataclasses.make_dataclass("PackedData", [("packing", bool, True)], bases=(DataConfig,), frozen=True)
     for family, refused in (("minicpmv4_6", True), ("minicpmv4_7", True), ("minicpmv2_6", False)):
-        cfg = dataclasses.replace(Config(), data=packed(), model=ModelConfig(family=family))
+        cfg = dataclasses.replace(Config(), data=DataConfig(packing=True), model=ModelConfig(family=family),
+                                  train=TrainConfig(max_tokens_per_batch=8192))
         problems = [p for p in validate(cfg, check_paths=False) if p.startswith("data.packing:")]
         assert bool(problems) == refused, (family, problems)
         if refused:
