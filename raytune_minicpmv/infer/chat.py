@@ -48,7 +48,12 @@ class _Streamer:
         from transformers import TextStreamer
 
         class To(TextStreamer):
+            started = False
+
             def on_finalized_text(self, text: str, stream_end: bool = False):
+                if not self.started:  # the answer's leading space (a tokenizer artefact) is not printed
+                    text = text.lstrip()
+                    self.started = bool(text)
                 stream.write(text + ("\n" if stream_end else ""))
                 stream.flush()
 
@@ -68,8 +73,10 @@ def run_chat(session: ChatSession, question: Optional[str], stdin: TextIO = sys.
         return 0
     stdout.write("interactive chat: empty line or Ctrl-D ends it; /reset forgets the conversation\n")
     while True:
+        stdout.write("you> ")  # on stdout: input()'s own prompt goes to stderr when both ends are terminals
+        stdout.flush()
         try:
-            line = input("you> ").strip()
+            line = input().strip()
         except EOFError:
             stdout.write("\n")
             return 0
