@@ -127,12 +127,14 @@ def _add_infer_parsers(sub, common) -> None:
     ch.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     ch.add_argument("--config", "-c", default=None, help="optional config for data.* (slicing, template) and "
                                                           "generate.* defaults")
-    ch.add_argument("--max-new-tokens", type=int, default=None)
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: "
+                                                                     "generate.max_new_tokens, 256)")
     ch.add_argument("--sample", action="store_true", default=None, help="sample (default: greedy)")
-    ch.add_argument("--temperature", type=float, default=None)
-    ch.add_argument("--top-p", type=float, default=None)
-    ch.add_argument("--top-k", type=int, default=None)
-    ch.add_argument("--repetition-penalty", type=float, default=None)
+    ch.add_argument("--temperature", type=float, default=None, help="with --sample (default 0.7)")
+    ch.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus mass (default 0.8)")
+    ch.add_argument("--top-k", type=int, default=None, help="with --sample: candidates (default 100; 0: all)")
+    ch.add_argument("--repetition-penalty", type=float, default=None,
+                    help="> 1 discourages repeating generated tokens (default 1.0: off)")
     ch.add_argument("--seed", type=int, default=None, help="sampling seed")
     ch.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ch.add_argument("question", nargs="?", default=None, help="the question (omit for the interactive mode)")

@@ -1,6 +1,7 @@
 """The config schema: one frozen dataclass per concern (`run`, `ray`, `data`, `model`, `trainable`, `lora`, `optim`,
-`train`, `eval`, `generate`, `deepspeed`, `scaling`, `tune`, `merge`) and the `Config` that holds them. Every field has its default and a
-comment here; YAML is only their serialization (`loading.py`), the rules between fields are `validation.py`.
+`train`, `eval`, `generate`, `deepspeed`, `scaling`, `tune`, `merge`) and the `Config` that holds them. Every field has
+its default and a comment here; YAML is only their serialization (`loading.py`), the rules between fields are
+`validation.py`.
 """
 from __future__ import annotations
 

@@ -195,9 +195,11 @@ def _generation_problems(cfg: Config) -> list[str]:
             p.append(f"tune.metric: {metric} is only reported with {metric[5:]} in eval.generation_metrics")
         if cfg.tune.mode != "max":
             p.append(f"tune.mode: {metric} is better when higher; set tune.mode=max")
-    for key, ok, rule in (("max_new_tokens", g.max_new_tokens >= 1, ">= 1"), ("temperature", g.temperature > 0, "> 0"),
+    for key, ok, rule in (("max_new_tokens", g.max_new_tokens >= 1, ">= 1"),
+                          ("temperature", g.temperature > 0, "> 0"),
                           ("top_p", 0 < g.top_p <= 1, "in (0, 1]"), ("top_k", g.top_k >= 0, ">= 0 (0 disables)"),
                           ("repetition_penalty", g.repetition_penalty > 0, "> 0 (1 disables)"),
+                          ("seed", g.seed is None or 0 <= g.seed < 2**32, "in [0, 2**32) or unset"),
                           ("batch_size", g.batch_size >= 1, ">= 1"), ("num_actors", g.num_actors >= 1, ">= 1"),
                           ("num_cpus_per_actor", g.num_cpus_per_actor > 0, "> 0"),
                           ("num_gpus_per_actor", g.num_gpus_per_actor is None or g.num_gpus_per_actor >= 0,

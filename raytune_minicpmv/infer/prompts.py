@@ -1,16 +1,17 @@
 """Generation prompts made by the training preprocessing itself, so train and infer inputs agree token for token.
 
     raws = [chat_record(["cat.jpg"], "What is this?")]                     # or records of a data file
-    rows = prompt_rows(raws, spec, tok, max_length=2048)                    # data.rows.preprocess_records
-    prompts = [prompt_of(r) for r in table_rows(rows, spec)]                # Prompt(input_ids, crops, ..., reference)
+    rows, has = prompt_rows(raws, spec, tok, max_length=2048)               # data.rows.preprocess_records
+    prompts = [prompt_of(r, h) for r, h in zip(table_rows(rows), has)]      # Prompt(input_ids, ..., reference_ids)
     batch = prompt_batch(prompts)                                           # left-padded model batch for generate
 
 A prompt is a training row cut where the last assistant turn starts: the row's pre-shifted labels mark the trained
 tokens, and their last contiguous run is that turn's content + end marker. Everything before it is exactly what the
-model saw before the answer during training (system prompt, image placeholders, ChatML / Llama 3 headers, "assistant\\n"),
-so nothing here renders a template a second time. A record without an answer (a question to ask) gets a one-token
-placeholder answer first (`with_answer_slot`), cut off again. The cut answer is the `reference` (eval metrics).
-The eval split inside the Train workers is already such rows (Ray Data numpy batches): `prompt_of` reads them too.
+model saw before the answer during training (system prompt, image placeholders, ChatML / Llama 3 headers,
+"assistant\\n"), so nothing here renders a template a second time. A record without an answer (a question to ask)
+gets a one-token placeholder answer first (`with_answer_slot`), cut off again. The cut answer is the `reference`
+(eval metrics). The eval split inside the Train workers is already such rows (Ray Data numpy batches): `prompt_of`
+reads them too.
 """
 from __future__ import annotations
 
