@@ -108,6 +108,7 @@ def run_predict(cfg, model_dir: str, data_path: str, out_path: str, adapter: Opt
                                 settings=settings, threads=max(1, int(g.num_cpus_per_actor))))
         ds.context.raise_original_map_exception = True  # a worker's BadRecord reaches the user as itself
         log.info("predict: %d record(s) on %d actor(s) (%s)", len(todo), actors, "GPU" if num_gpus else "CPU")
+        _end_torn_line(partial)  # a crash mid-write left half a line: the next line must not be glued to it
         with open(partial, "a", encoding="utf-8") as f:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for line, actor in zip(batch["line"], batch["actor"]):
@@ -162,6 +163,15 @@ def read_lines(path: str) -> dict[str, dict]:
             if isinstance(obj, dict) and "id" in obj:
                 out[str(obj["id"])] = obj
     return out
+
+
+def _end_torn_line(path: str) -> None:
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
 
 
 def write_ordered(out_path: str, ids: list[str], lines: dict[str, dict]) -> None:
