@@ -5,6 +5,8 @@
     raytune-minicpmv tune       --config configs/minicpmv26_tune.yaml [overrides]
     raytune-minicpmv validate   --config CONFIG [overrides]
     raytune-minicpmv merge      --base CKPT --adapter ADAPTER_DIR --out OUT [--dtype bf16]
+    raytune-minicpmv chat       --model CKPT [--adapter DIR] [--image PATH ...] ["question"]   (none: interactive)
+    raytune-minicpmv predict    --config CONFIG --model CKPT --data records.json --out preds.jsonl [--actors N]
     raytune-minicpmv submit     [--address URL] [--follow] [--dry-run] -- <raytune-minicpmv command ...>
     raytune-minicpmv status|logs|stop JOB_ID [--address URL]
     raytune-minicpmv demo       [--out DIR]
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", "-c", default=None, help="optional config for merge.* and ray.* settings")
     m.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of that config, e.g. "
                                                                          "merge.verify_samples=0")
+    _add_infer_parsers(sub, common)
     s = sub.add_parser("submit", parents=[common], help="submit a command as a Ray Job",
                        description="submit a command as a Ray Job (uploads --working-dir minus secrets, data, "
                                    "checkpoints and .gitignore'd files; see docs/CLUSTER.md)")
@@ -106,6 +109,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dest", nargs="?", help="cp: destination file or directory")
     c.add_argument("--force", action="store_true", help="cp: overwrite an existing file")
     return parser
+
+
+def _add_infer_parsers(sub, common) -> None:
+    ch = sub.add_parser("chat", parents=[common], help="ask a (fine-tuned) model about images; streams the answer",
+                        description="ask a model about images (the training preprocessing; answers streamed). "
+                                    "Without a question: an interactive session on a terminal, else stdin is read")
+    pr = sub.add_parser("predict", parents=[common], help="batch generation over a records file (Ray Data actors)",
+                        description="generate an answer for every record of --data into --out (JSON lines: id, "
+                                    "output, reference); a rerun skips the ids already done (docs/INFERENCE.md)")
+    for p in (ch, pr):
+        p.add_argument("--model", default=None, help="checkpoint directory (a base, a merged model)"
+                       + ("" if p is ch else "; default: model.path of --config"), required=p is ch)
+        p.add_argument("--adapter", default=None, help="a training checkpoint dir (its adapter/ or full_model/) or "
+                                                       "a PEFT adapter dir, applied to --model")
+    ch.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable, in order)")
+    ch.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    ch.add_argument("--config", "-c", default=None, help="optional config for data.* (slicing, template) and "
+                                                          "generate.* defaults")
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: "
+                                                                     "generate.max_new_tokens, 256)")
+    ch.add_argument("--sample", action="store_true", default=None, help="sample (default: greedy)")
+    ch.add_argument("--temperature", type=float, default=None, help="with --sample (default 0.7)")
+    ch.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus mass (default 0.8)")
+    ch.add_argument("--top-k", type=int, default=None, help="with --sample: candidates (default 100; 0: all)")
+    ch.add_argument("--repetition-penalty", type=float, default=None,
+                    help="> 1 discourages repeating generated tokens (default 1.0: off)")
+    ch.add_argument("--seed", type=int, default=None, help="sampling seed")
+    ch.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ch.add_argument("question", nargs="?", default=None, help="the question (omit for the interactive mode)")
+    _add_config_args(pr)
+    pr.add_argument("--data", required=True, help="records (JSON, JSONL, Parquet; fine-tune format; the last turn "
+                                                  "a question, or an answer kept as the reference)")
+    pr.add_argument("--out", required=True, help="output JSON lines file")
+    pr.add_argument("--actors", type=int, default=None, help="model replicas (default: generate.num_actors)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +204,8 @@ def _dispatch(args) -> int:
         return configs_cmd(args.action, args.name, args.dest, force=args.force)
     if cmd == "merge":
         return _merge(args)
+    if cmd in ("chat", "predict"):
+        return _infer(args)
     if cmd == "demo":
         from .demo import run_demo
 
@@ -219,6 +258,39 @@ def _merge(args) -> int:
         raise ConfigError(problems)
     run_merge(args.base, args.adapter, args.out, cfg.merge, cfg=cfg)
     return 0
+
+
+def _infer(args) -> int:
+    from .path_checks import infer_input_problems
+
+    if args.command == "chat":
+        cfg = load_config(args.config, [], check_paths=False)
+        problems = infer_input_problems(args.model, args.adapter, images=args.image)
+    else:
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+        args.model = args.model or cfg.model.path
+        problems = infer_input_problems(args.model, args.adapter, data=args.data, out=args.out)
+        if args.actors is not None and args.actors < 1:
+            problems.append("--actors: must be >= 1")
+    if problems:
+        raise ConfigError(problems)
+    if args.command == "predict":
+        from .infer.predict import run_predict
+
+        summary = run_predict(cfg, args.model, args.data, args.out, adapter=args.adapter, actors=args.actors)
+        print(f"predict: {summary['generated']} generated, {summary['already_done']} already done, "
+              f"{summary['errors']} error(s) of {summary['records']} records in {summary['seconds']} s -> {args.out}")
+        return 0
+    from .infer.chat import ChatSession, run_chat
+    from .infer.generation import GenerationSettings
+
+    settings = GenerationSettings.from_config(
+        cfg.generate, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(args.model, args.adapter, tuple(args.image), settings, system=args.system,
+                          max_length=cfg.data.model_max_length, llm_type=cfg.data.llm_type,
+                          max_slice_nums=cfg.data.max_slice_nums if args.config else None, device=args.device)
+    return run_chat(session, args.question)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,26 @@ def merge_input_problems(base: str, adapter: str, out: str) -> list[str]:
     return problems
 
 
+def infer_input_problems(model: str, adapter: Optional[str], images: list[str] = (), data: Optional[str] = None,
+                         out: Optional[str] = None) -> list[str]:
+    """`chat` / `predict` inputs, checked before a model is loaded (or Ray started)."""
+    problems = []
+    if not model or not os.path.isdir(model):
+        problems.append(f"--model {model}: no such checkpoint directory")
+    else:
+        problems += [p.replace("model.path", "--model") for p in weights_problems(model)]
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            problems.append(f"--model {model}: no config.json (expected a Hugging Face checkpoint directory)")
+    if adapter is not None and not os.path.isdir(adapter):
+        problems.append(f"--adapter {adapter}: no such directory")
+    problems += [f"--image {p}: no such file" for p in images if not os.path.isfile(p)]
+    if data is not None:
+        problems += data_file_problems("--data", data) if os.path.exists(data) else [f"--data {data}: no such file"]
+    if out is not None and os.path.isdir(out):
+        problems.append(f"--out {out}: is a directory; give the predictions file (JSON lines)")
+    return problems
+
+
 def user_error_types(merge: bool = False) -> tuple[type, ...]:
     """Exceptions that are the user's to fix: printed as a message without a traceback (the CLI's --debug shows it).
 

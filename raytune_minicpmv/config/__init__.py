@@ -12,12 +12,13 @@ relative paths given as overrides (on the command line) resolve against the curr
 coercion), `validation.py` (every rule between and within sections).
 """
 from .loading import PATH_KEYS, config_from_dict, load_config, replace
-from .schema import (Config, ConfigError, DataConfig, DeepSpeedConfig, LoraConfig, MergeConfig, ModelConfig,
-                     OptimConfig, RayConfig, RunConfig, ScalingConfig, SearchSpaceConfig, TrainableConfig,
-                     TrainConfig, TuneConfig, is_uri, join_uri)
+from .schema import (Config, ConfigError, DataConfig, DeepSpeedConfig, EvalConfig, GenerateConfig, LoraConfig,
+                     MergeConfig, ModelConfig, OptimConfig, RayConfig, RunConfig, ScalingConfig, SearchSpaceConfig,
+                     TrainableConfig, TrainConfig, TuneConfig, is_uri, join_uri)
 from .validation import LLM_TYPES, resolve_llm_type, validate
 
 __all__ = ["Config", "ConfigError", "RunConfig", "RayConfig", "DataConfig", "ModelConfig", "TrainableConfig",
-           "LoraConfig", "OptimConfig", "TrainConfig", "DeepSpeedConfig", "ScalingConfig", "SearchSpaceConfig",
+           "LoraConfig", "OptimConfig", "TrainConfig", "EvalConfig", "GenerateConfig", "DeepSpeedConfig",
+           "ScalingConfig", "SearchSpaceConfig",
            "TuneConfig", "MergeConfig", "load_config", "config_from_dict", "replace", "validate", "resolve_llm_type",
            "join_uri", "is_uri", "PATH_KEYS", "LLM_TYPES"]

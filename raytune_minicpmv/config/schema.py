@@ -1,6 +1,7 @@
 """The config schema: one frozen dataclass per concern (`run`, `ray`, `data`, `model`, `trainable`, `lora`, `optim`,
-`train`, `deepspeed`, `scaling`, `tune`, `merge`) and the `Config` that holds them. Every field has its default and a
-comment here; YAML is only their serialization (`loading.py`), the rules between fields are `validation.py`.
+`train`, `eval`, `generate`, `deepspeed`, `scaling`, `tune`, `merge`) and the `Config` that holds them. Every field has
+its default and a comment here; YAML is only their serialization (`loading.py`), the rules between fields are
+`validation.py`.
 """
 from __future__ import annotations
 
@@ -144,6 +145,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # metrics of GENERATED answers on the eval split, reported as eval_<name> next to eval_loss at every evaluation:
+    # exact_match, token_f1 (SQuAD-style, on normalized text) and/or "module:function", a function
+    # (prediction: str, reference: str) -> float averaged over the samples (reported as eval_<function>)
+    generation_metrics: list[str] = field(default_factory=list)
+    generation_max_samples: int = 32  # eval records generated per evaluation, over all workers (the first ones)
+    generation_batch_size: int = 4  # records per generate call on each worker
+    generation_max_new_tokens: Optional[int] = None  # None: generate.max_new_tokens
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    # decoding of `chat`, `predict` and the eval generation metrics (greedy unless do_sample)
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7  # do_sample only (the official chat()'s sampling defaults: 0.7 / 0.8 / 100)
+    top_p: float = 0.8  # do_sample only
+    top_k: int = 100  # do_sample only; 0 disables
+    repetition_penalty: float = 1.0  # > 1 discourages repeating a generated token (official chat: 1.05)
+    seed: Optional[int] = None  # sampling seed (None: run.seed)
+    batch_size: int = 4  # predict: records per generate call
+    num_actors: int = 1  # predict: model replicas (Ray Data actors); `predict --actors N` overrides
+    num_cpus_per_actor: float = 1.0  # predict: CPUs of one actor (its torch threads on CPU)
+    num_gpus_per_actor: Optional[float] = None  # predict: None: 1 when the cluster has GPUs, else 0
+
+
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     # 0 (plain data parallel), 1 (optimizer state partitioned), 2 (+ gradients), 3 (+ parameters), or auto: the
     # lowest stage whose estimated memory fits memory_fraction of the card (printed with the estimate)
@@ -227,6 +255,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

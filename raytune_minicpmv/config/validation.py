@@ -160,6 +160,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
          "every amount > 0")
     need(all(v > 0 for v in tu.driver_resources.values()),
          "tune.driver_resources: every amount must be > 0 (Ray rejects an empty request)")
+    p += _generation_problems(cfg)
     # merge
     mg = cfg.merge
     need(mg.verify_samples >= 0, "merge.verify_samples: must be >= 0")
@@ -220,6 +221,51 @@ def _quantization_problems(cfg: Config, check_paths: bool) -> list[str]:
     if ds.offload_param == "cpu":
         p.append("deepspeed.offload_param: parameter offload needs ZeRO-3, which a quantized base does not support; "
                  "set offload_param=none")
+    return p
+
+
+BUILTIN_GENERATION_METRICS = ("exact_match", "token_f1")  # higher is better
+
+
+def _generation_problems(cfg: Config) -> list[str]:
+    """eval.* (generation metrics) and generate.* (decoding); tune.metric naming a generation metric."""
+    import re
+
+    p: list[str] = []
+    ev, g = cfg.eval, cfg.generate
+    for name in ev.generation_metrics:
+        if name not in BUILTIN_GENERATION_METRICS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name):
+            p.append(f"eval.generation_metrics: {name!r} is not exact_match, token_f1 or a 'module:function' "
+                     "(a function (prediction, reference) -> float)")
+    names = [n.rsplit(":", 1)[-1] for n in ev.generation_metrics]
+    if len(set(names)) != len(names):
+        p.append(f"eval.generation_metrics: {ev.generation_metrics} reports two metrics under one name "
+                 "(eval_<name>); give each a distinct name")
+    if ev.generation_metrics and not cfg.data.eval_path and not cfg.data.preprocessed:
+        p.append("eval.generation_metrics: needs an eval split; set data.eval_path")
+    if ev.generation_max_samples < 1:
+        p.append("eval.generation_max_samples: must be >= 1")
+    if ev.generation_batch_size < 1:
+        p.append("eval.generation_batch_size: must be >= 1")
+    if ev.generation_max_new_tokens is not None and ev.generation_max_new_tokens < 1:
+        p.append("eval.generation_max_new_tokens: must be >= 1 or unset")
+    metric = cfg.tune.metric
+    if metric.startswith("eval_") and metric[5:] in BUILTIN_GENERATION_METRICS:
+        if metric[5:] not in ev.generation_metrics:
+            p.append(f"tune.metric: {metric} is only reported with {metric[5:]} in eval.generation_metrics")
+        if cfg.tune.mode != "max":
+            p.append(f"tune.mode: {metric} is better when higher; set tune.mode=max")
+    for key, ok, rule in (("max_new_tokens", g.max_new_tokens >= 1, ">= 1"),
+                          ("temperature", g.temperature > 0, "> 0"),
+                          ("top_p", 0 < g.top_p <= 1, "in (0, 1]"), ("top_k", g.top_k >= 0, ">= 0 (0 disables)"),
+                          ("repetition_penalty", g.repetition_penalty > 0, "> 0 (1 disables)"),
+                          ("seed", g.seed is None or 0 <= g.seed < 2**32, "in [0, 2**32) or unset"),
+                          ("batch_size", g.batch_size >= 1, ">= 1"), ("num_actors", g.num_actors >= 1, ">= 1"),
+                          ("num_cpus_per_actor", g.num_cpus_per_actor > 0, "> 0"),
+                          ("num_gpus_per_actor", g.num_gpus_per_actor is None or g.num_gpus_per_actor >= 0,
+                           ">= 0 or unset")):
+        if not ok:
+            p.append(f"generate.{key}: must be {rule}")
     return p
 
 

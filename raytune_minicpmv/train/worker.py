@@ -73,6 +73,9 @@ def train_fn_per_worker(config_dict: dict) -> None:
     trackers = Trackers(cfg.train.report_to, tensorboard_dir(cfg, run_name), run_name, cfg.to_dict(),
                         jsonl_path=metrics_jsonl(cfg, run_name)) if rank == 0 else None
     reporter = StepReporter(meter, trackers, rank, world, cfg.train.max_steps, say)
+    from ..infer.evaluation import maybe_scorer
+
+    scorer = maybe_scorer(cfg, world) if has_eval else None  # eval.generation_metrics
     engine.train()
     if state.step < cfg.train.max_steps:
         per = (f"{cfg.train.micro_batch_size} sample(s)" if cfg.train.max_tokens_per_batch is None else
@@ -100,6 +103,8 @@ def train_fn_per_worker(config_dict: dict) -> None:
                 metrics["eval_loss"] = eval_loss
                 if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
                     state.best_eval_loss = eval_loss
+            if scorer is not None:
+                metrics.update(evaluate_generation(engine, scorer, say))
         if state.best_eval_loss is not None:
             metrics["best_eval_loss"] = state.best_eval_loss
         reporter.log(metrics)
@@ -340,6 +345,16 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     engine.train()
     totals = all_reduce(totals, engine.device)
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def evaluate_generation(engine, scorer, say) -> dict[str, float]:
+    """eval.generation_metrics on the first eval rows (infer.evaluation), in eval mode like `evaluate`."""
+    engine.eval()
+    try:
+        return scorer.score(engine, dataset_shard("eval"), engine.device,
+                            lambda t, op=None: all_reduce(t, engine.device, op=op), say)
+    finally:
+        engine.train()
 
 
 def to_device(obj, device):

@@ -109,6 +109,21 @@ BOUNDARIES = [
     (["merge.memory_gb=0"], "merge.memory_gb", ["merge.memory_gb=0.1"]),
     (["merge.num_gpus=-1"], "merge.num_gpus", ["merge.num_gpus=0"]),
     (["merge.num_gpus=1.5"], "merge.num_gpus", ["merge.num_gpus=0.5", "merge.num_gpus=2"]),
+    (["eval.generation_max_samples=0"], "eval.generation_max_samples", ["eval.generation_max_samples=1"]),
+    (["eval.generation_batch_size=0"], "eval.generation_batch_size", ["eval.generation_batch_size=1"]),
+    (["eval.generation_max_new_tokens=0"], "eval.generation_max_new_tokens", ["eval.generation_max_new_tokens=1"]),
+    (["generate.max_new_tokens=0"], "generate.max_new_tokens", ["generate.max_new_tokens=1"]),
+    (["generate.temperature=0"], "generate.temperature", ["generate.temperature=0.01"]),
+    (["generate.top_p=0"], "generate.top_p", ["generate.top_p=0.01"]),
+    (["generate.top_p=1.01"], "generate.top_p", ["generate.top_p=1"]),
+    (["generate.top_k=-1"], "generate.top_k", ["generate.top_k=0"]),
+    (["generate.repetition_penalty=0"], "generate.repetition_penalty", ["generate.repetition_penalty=0.01"]),
+    (["generate.seed=-1"], "generate.seed", ["generate.seed=0"]),
+    (["generate.seed=4294967296"], "generate.seed", ["generate.seed=4294967295"]),
+    (["generate.batch_size=0"], "generate.batch_size", ["generate.batch_size=1"]),
+    (["generate.num_actors=0"], "generate.num_actors", ["generate.num_actors=1"]),
+    (["generate.num_cpus_per_actor=0"], "generate.num_cpus_per_actor", ["generate.num_cpus_per_actor=0.1"]),
+    (["generate.num_gpus_per_actor=-1"], "generate.num_gpus_per_actor", ["generate.num_gpus_per_actor=0"]),
 ]
 
 

@@ -1,0 +1,130 @@
+"""Generation prompts made by the training preprocessing itself, so train and infer inputs agree token for token.
+
+    raws = [chat_record(["cat.jpg"], "What is this?")]                     # or records of a data file
+    rows, has = prompt_rows(raws, spec, tok, max_length=2048)               # data.rows.preprocess_records
+    prompts = [prompt_of(r, h) for r, h in zip(table_rows(rows), has)]      # Prompt(input_ids, ..., reference_ids)
+    batch = prompt_batch(prompts)                                           # left-padded model batch for generate
+
+A prompt is a training row cut where the last assistant turn starts: the row's pre-shifted labels mark the trained
+tokens, and their last contiguous run is that turn's content + end marker. Everything before it is exactly what the
+model saw before the answer during training (system prompt, image placeholders, ChatML / Llama 3 headers,
+"assistant\\n"), so nothing here renders a template a second time. A record without an answer (a question to ask)
+gets a one-token placeholder answer first (`with_answer_slot`), cut off again. The cut answer is the `reference`
+(eval metrics). The eval split inside the Train workers is already such rows (Ray Data numpy batches): `prompt_of`
+reads them too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from ..data.records import RawRecord
+from ..data.rows import preprocess_records, rows_to_table, table_to_numpy, unpack_pixels
+
+PLACEHOLDER_ANSWER = "x"  # a single letter: never merges with the template's "\n" before it (tested)
+
+
+@dataclass
+class Prompt:
+    id: str
+    input_ids: np.ndarray  # int64 [L]: the conversation up to and including the assistant header
+    pixel_values: list  # float32 [3, 14, N*14] per crop of the images inside the prompt
+    tgt_sizes: np.ndarray  # int32 [n_crops, 2]
+    image_bound: np.ndarray  # int64 [n_crops, 2]
+    reference_ids: np.ndarray  # int64: the cut answer (content + end marker); the placeholder for a question
+    has_reference: bool = True
+
+
+def with_answer_slot(raw: RawRecord) -> tuple[RawRecord, bool]:
+    """A record whose last turn is a user question gets a placeholder assistant turn (the training format needs an
+    answer). Returns the record and whether it had its own answer (a reference). Unreadable JSON is left as it is:
+    parse_record reports it."""
+    if raw.error:
+        return raw, True
+    try:
+        data = json.loads(raw.text)
+        conv = data["conversations"]
+        ends_with_question = isinstance(conv, list) and conv and isinstance(conv[-1], dict) and \
+            conv[-1].get("role") == "user"
+    except (ValueError, KeyError, TypeError):
+        return raw, True
+    if not ends_with_question:
+        return raw, True
+    data["conversations"] = conv + [{"role": "assistant", "content": PLACEHOLDER_ANSWER}]
+    return RawRecord(raw.source, raw.index, json.dumps(data, ensure_ascii=False)), False
+
+
+def chat_record(images: list[str], question: str, history: Iterable[tuple[str, str]] = (),
+                system: Optional[str] = None, record_id: str = "chat") -> RawRecord:
+    """A question (after earlier (question, answer) turns) about `images`, as a fine-tune format record. The images
+    go into the first user turn, in order, one per line before its text (what training records with tags do)."""
+    turns = [*history, (question, None)]
+    first = turns[0][0]
+    if len(images) > 1:
+        first = "\n".join(f"<image_{k:02d}>" for k in range(len(images))) + "\n" + first
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"role": "user", "content": first if i == 0 else q})
+        if a is not None:
+            conv.append({"role": "assistant", "content": a})
+    record: dict = {"id": record_id, "conversations": conv}
+    if len(images) == 1:
+        record["image"] = images[0]
+    elif images:
+        record["image"] = {f"<image_{k:02d}>": p for k, p in enumerate(images)}
+    if system is not None:
+        record["system"] = system
+    return RawRecord("<chat>", 0, json.dumps(record, ensure_ascii=False))
+
+
+def prompt_rows(raws: list[RawRecord], spec, tok, max_length: int, on_bad_record: str = "error"):
+    """The training rows of `raws` (placeholder answers added) and, per row, whether it had its own answer.
+    Bad records raise `BadRecord` (on_bad_record="error") or come back as tombstone rows (skip_reason set)."""
+    slotted = [with_answer_slot(r) for r in raws]
+    rows = preprocess_records([r for r, _ in slotted], spec, tok, max_length=max_length, on_bad_record=on_bad_record)
+    return rows, [has for _, has in slotted]
+
+
+def table_rows(rows, patch_size: int = 14) -> list[dict]:
+    """Rows -> one dict of numpy values per row: the layout of a Ray Data numpy batch (what the workers see)."""
+    cols = table_to_numpy(rows_to_table(rows, patch_size))
+    return [{k: v[i] for k, v in cols.items()} for i in range(len(rows))]
+
+
+def prompt_of(row: dict, has_reference: bool = True, patch_size: int = 14) -> Prompt:
+    """Cut one training row (a dict of a row's columns) before its last assistant turn."""
+    ids = np.asarray(row["input_ids"], dtype=np.int64)
+    labels = np.asarray(row["labels"], dtype=np.int64)
+    trained = np.flatnonzero(labels != -100) + 1  # labels are pre-shifted: labels[t] is the target of token t+1
+    if len(trained) == 0:
+        raise ValueError(f"row {row.get('id')!r} has no assistant token to generate")
+    breaks = np.flatnonzero(np.diff(trained) > 1)
+    start = int(trained[breaks[-1] + 1] if len(breaks) else trained[0])
+    end = int(trained[-1]) + 1
+    tgt = np.asarray(row["tgt_sizes"], dtype=np.int32).reshape(-1, 2)
+    bounds = np.asarray(row["image_bound"], dtype=np.int64).reshape(-1, 2)
+    crops = unpack_pixels(row["pixel_values"], tgt, patch_size) if len(tgt) else []
+    keep = int(np.sum(bounds[:, 1] <= start))  # crops are in text order: those of images inside the prompt
+    return Prompt(str(row["id"]), ids[:start], crops[:keep], tgt[:keep], bounds[:keep], ids[start:end],
+                  has_reference)
+
+
+def prompt_batch(prompts: list[Prompt], pad_id: int = 0) -> dict:
+    """Left-padded batch (generation appends on the right): input_ids, attention_mask, and per sample its crops,
+    tgt_sizes and image_bound shifted by its padding. Positions come from the mask inside generate (0 at the first
+    real token, as in training)."""
+    width = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    bounds = []
+    for i, p in enumerate(prompts):
+        pad = width - len(p.input_ids)
+        ids[i, pad:] = torch.from_numpy(p.input_ids)
+        mask[i, pad:] = 1
+        bounds.append(torch.from_numpy(p.image_bound + pad))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": [list(p.pixel_values) for p in prompts],
+            "tgt_sizes": [torch.from_numpy(p.tgt_sizes) for p in prompts], "image_bound": bounds}
