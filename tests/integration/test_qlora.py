@@ -15,7 +15,7 @@ import torch
 
 from raytune_minicpmv.config import MergeConfig, load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # ~60-80 s quiet (Ray workers + NF4 load); CI runs it (make test-all)
 bnb = pytest.importorskip("bitsandbytes")
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 

@@ -111,6 +111,7 @@ def _merge_and_reload(cfg, summary, tmp_path, expected_cls):
     return verification
 
 
+@pytest.mark.long  # its fixture preprocesses both families (~100 s) + 12 steps; CI runs it (make test-all)
 def test_v46_lora_zero2_loss_falls_merge_reloads_in_plain_transformers(inputs, tmp_path):
     from raytune_minicpmv.train.trainer import run_train
 
