@@ -129,13 +129,20 @@ def load_for_inference(model_dir, adapter: Optional[str] = None, dtype: Optional
     from ..data.templates import TokenizerInfo, model_spec_from_config
     from ..models import get_family, load_model
 
+    from ..config import ConfigError
+
+    family = get_family(str(model_dir))
+    if family.hf_native:  # its prompts need the 4.x processor path (data/family4.py), not wired here yet
+        raise ConfigError([f"--model {model_dir}: a {family.name} checkpoint; chat / predict / generation metrics "
+                           "support MiniCPM-V 2.6 and 2.5 so far (docs/INFERENCE.md). For 4.6 / 4.7 use "
+                           "transformers' processor and model.generate on the merged checkpoint"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = load_model(str(model_dir), dtype=dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     model = model.to(device).eval()
-    spec = model_spec_from_config(str(model_dir), llm_type or get_family(str(model_dir)).llm_type, max_slice_nums)
+    spec = model_spec_from_config(str(model_dir), llm_type or family.llm_type, max_slice_nums)
     return model, TokenizerInfo.load(str(model_dir)), spec
 
 

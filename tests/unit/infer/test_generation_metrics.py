@@ -50,3 +50,18 @@ def test_config_rules_for_generation_metrics_and_decoding():
     for key in ("generate.top_p", "generate.temperature", "generate.max_new_tokens", "generate.num_actors",
                 "eval.generation_max_samples"):
         assert any(p.startswith(key) for p in bad), (key, bad)
+
+
+def test_generation_metrics_and_inference_are_refused_for_the_4x_families_with_the_reason(tiny46):
+    """chat / predict / eval generation are wired for 2.6 / 2.5 only: a 4.6 run says so up front (config check)
+    and loading a 4.6 checkpoint for inference is a one-line user error, not a deep tokenizer failure."""
+    from raytune_minicpmv.config import validate
+    from raytune_minicpmv.infer import load_for_inference
+
+    ok = load_config(None, ["model.family=minicpmv4_6", "data.eval_path=x.json"], check_paths=False)
+    assert not [p for p in validate(ok, check_paths=False) if p.startswith("eval.generation_metrics")]
+    with pytest.raises(ConfigError, match=r"eval.generation_metrics: generation .* not wired for minicpmv4_6"):
+        load_config(None, ["model.family=minicpmv4_6", "data.eval_path=x.json",
+                           "eval.generation_metrics=[exact_match]"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"a minicpmv4_6 checkpoint; chat / predict / generation metrics support"):
+        load_for_inference(tiny46)
