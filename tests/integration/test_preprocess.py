@@ -35,10 +35,10 @@ def inputs(tmp_path_factory):
     return root, ckpt, write_sample_dataset(root / "data"), write_sample_dataset(root / "data", split="eval")
 
 
-def _cfg(root, ckpt, train, name, **data):
+def _cfg(root, ckpt, train, name, model=None, **data):
     return config_from_dict({"run": {"name": name, "storage_path": str(root / "runs")},
                              "data": {"train_path": str(train), "num_cpus_per_task": 0.5, "max_tasks": 2, **data},
-                             "model": {"path": str(ckpt)}})
+                             "model": {"path": str(ckpt), **(model or {})}})
 
 
 def test_preprocess_writes_parquet_and_report_then_trains_from_it(local_ray, inputs):
@@ -145,7 +145,7 @@ def test_preprocess_minicpmv46_rows_are_the_processors(local_ray, inputs):
     root, _, train, _ = inputs
     ckpt = write_processor_files(root / "ckpt46", "minicpmv4_6")  # the data stage reads no weights
     (ckpt / "config.json").write_text(json.dumps({"model_type": "minicpmv4_6"}))
-    cfg = replace(_cfg(root, ckpt, train, "v46", max_slice_nums=4), model={"downsample_mode": "4x"})
+    cfg = _cfg(root, ckpt, train, "v46", model={"family": "minicpmv4_6", "downsample_mode": "4x"}, max_slice_nums=4)
     report = run_preprocess(cfg)
     tr = report["splits"]["train"]
     assert (tr["records_in"], tr["records_out"], tr["skipped"]) == (20, 20, {})
