@@ -7,7 +7,8 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 # Tests import the package from this checkout by path (as spawned DeepSpeed ranks and Ray workers do too), not
 # through the editable install's finder: tests/integration/test_zero3_model.py's spawned ranks got NaN eval logits
-# under the finder alone in a fresh clone (not yet understood; see the issue notes).
+# under the finder alone in a fresh clone (not yet understood; since then seen with PYTHONPATH too, only while other
+# CPU-heavy work ran next to the suite: non-finite eval logits after one ZeRO-3 step over gloo; quiet reruns pass).
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
