@@ -151,12 +151,17 @@ def rows_to_table(rows: list[Row], patch_size: int = 14) -> pa.Table:
         r.crops = []
     pixel_values = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(rows),
                                                     [None, pa.py_buffer(offsets), pa.py_buffer(buf)])
-    return pa.table({
+    return pa.table(row_columns(rows, pixel_values, [r.tgt_sizes for r in rows]), schema=ROW_SCHEMA)
+
+
+def row_columns(rows: list, pixel_values: pa.Array, crop_sizes: list[np.ndarray]) -> dict:
+    """The ROW_SCHEMA columns of rows (2.x `Row`s or 4.x `Row4`s: same fields, the crop sizes passed in), in order."""
+    return {
         "id": pa.array([r.id for r in rows], pa.string()),
         "input_ids": pa.array([r.input_ids for r in rows], pa.list_(pa.int32())),
         "labels": pa.array([r.labels for r in rows], pa.list_(pa.int32())),
         "pixel_values": pixel_values,
-        "tgt_sizes": pa.array([r.tgt_sizes.reshape(-1) for r in rows], pa.list_(pa.int32())),
+        "tgt_sizes": pa.array([t.reshape(-1) for t in crop_sizes], pa.list_(pa.int32())),
         "image_bound": pa.array([r.image_bound.reshape(-1) for r in rows], pa.list_(pa.int64())),
         "num_images": pa.array([len(r.crops_per_image) for r in rows], pa.int32()),
         "source": pa.array([r.source for r in rows], pa.string()),
@@ -166,7 +171,7 @@ def rows_to_table(rows: list[Row], patch_size: int = 14) -> pa.Table:
         "num_trainable": pa.array([int((r.labels != -100).sum()) for r in rows], pa.int32()),
         "skip_reason": pa.array([r.skip_reason for r in rows], pa.string()),
         "skip_detail": pa.array([r.skip_detail for r in rows], pa.string()),
-    }, schema=ROW_SCHEMA)
+    }
 
 
 def _pack_into(crop, out: np.ndarray, p: int) -> None:

@@ -30,7 +30,7 @@ import pyarrow as pa
 from .family4 import Processor4Info, check_control_tokens4, encode_record4
 from .images import ImageLoadError, load_rgb
 from .records import BadRecord, RawRecord, parse_record
-from .rows import ROW_SCHEMA
+from .rows import ROW_SCHEMA, row_columns
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +143,9 @@ def encode_pixels(pixels: np.ndarray) -> tuple[bytes, str]:
 
 
 def rows_to_table4(rows: list[Row4]) -> pa.Table:
+    pixels = pa.array([r.pixels for r in rows], pa.large_binary())
     return pa.table({
-        "id": pa.array([r.id for r in rows], pa.string()),
-        "input_ids": pa.array([r.input_ids for r in rows], pa.list_(pa.int32())),
-        "labels": pa.array([r.labels for r in rows], pa.list_(pa.int32())),
-        "pixel_values": pa.array([r.pixels for r in rows], pa.large_binary()),
-        "tgt_sizes": pa.array([r.target_sizes.reshape(-1) for r in rows], pa.list_(pa.int32())),
-        "image_bound": pa.array([r.image_bound.reshape(-1) for r in rows], pa.list_(pa.int64())),
-        "num_images": pa.array([len(r.crops_per_image) for r in rows], pa.int32()),
-        "source": pa.array([r.source for r in rows], pa.string()),
-        "crops_per_image": pa.array([r.crops_per_image for r in rows], pa.list_(pa.int32())),
-        "num_tokens": pa.array([len(r.input_ids) for r in rows], pa.int32()),
-        "num_image_tokens": pa.array([r.num_image_tokens for r in rows], pa.int32()),
-        "num_trainable": pa.array([int((r.labels != -100).sum()) for r in rows], pa.int32()),
-        "skip_reason": pa.array([r.skip_reason for r in rows], pa.string()),
-        "skip_detail": pa.array([r.skip_detail for r in rows], pa.string()),
+        **row_columns(rows, pixels, [r.target_sizes for r in rows]),
         "family": pa.array([r.family for r in rows], pa.string()),
         "pixel_dtype": pa.array([r.pixel_dtype for r in rows], pa.string()),
         "pad_token_id": pa.array([r.pad_token_id for r in rows], pa.int32()),
