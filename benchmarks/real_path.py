@@ -102,11 +102,13 @@ SETTINGS.update({
     "varlen_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_varlen=false"], 15),
     "fused_ce_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.fused_ce=false"], 15),
     "liger_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.liger=false"], 15),
+    # QLoRA (issue 14) at the levers_on engine and batch: the pair levers_on / qlora_levers_on is bf16 vs NF4
+    "qlora_levers_on": (_LEVER_ENGINE + _LEVERS_ON + ["model.quantization=nf4"], 15),
 })
 
 
-def base_config(work: Path, use_gpu: bool) -> dict:
-    return {
+def base_config(work: Path, use_gpu: bool, family: str = "minicpmv2_6") -> dict:
+    cfg = {
         "run": {"name": "bench", "storage_path": str(work / "runs")},
         "ray": {"include_dashboard": False},
         "data": {"train_path": str(work / "data" / "train.json"), "eval_path": str(work / "data" / "eval.json"),
@@ -121,6 +123,12 @@ def base_config(work: Path, use_gpu: bool) -> dict:
                   "save_total_limit": 1, "report_to": []},
         "scaling": {"num_workers": 1, "use_gpu": use_gpu, "cpus_per_worker": 12 if use_gpu else 1},
     }
+    if family != "minicpmv2_6":  # 4.6: the same trainable set in its layout (merger = the resampler's role)
+        cfg["model"]["family"] = family
+        cfg["data"]["model_max_length"] = 4096
+        cfg["lora"]["target_modules"] = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj)"
+                                         r"|linear_attn\.(in_proj_qkv|in_proj_z))")
+    return cfg
 
 
 def cli(args: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, list[tuple[float, str]], float]:
@@ -224,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--deadline-s", type=float, default=1e9, help="kill a run still going after this many seconds")
     p.add_argument("--tokenizer", default=str(REPO / "tests" / "assets" / "minicpmv26_tokenizer"))
     p.add_argument("--cpu", action="store_true", help="CPU smoke run (tiny model, tiny steps)")
+    p.add_argument("--family", default="minicpmv2_6", choices=["minicpmv2_6", "minicpmv4_6"],
+                   help="minicpmv4_6: the 4.6-dims model (workload.build_model_v46); use its own --work folder")
     a = p.parse_args(argv)
     t_start = time.monotonic()
     work = Path(a.work)
@@ -235,14 +245,20 @@ def main(argv=None) -> None:
     workload.write_records(work / "data", 16, seed=1, split="eval")
     if a.cpu:
         from raytune_minicpmv.models import build_tiny
+        from raytune_minicpmv.models.tiny_v4 import build_tiny_v4
 
         if not (work / "model" / "config.json").exists():
-            build_tiny("minicpmv2_6", work / "model", tokenizer=a.tokenizer)
+            if a.family == "minicpmv2_6":
+                build_tiny("minicpmv2_6", work / "model", tokenizer=a.tokenizer)
+            else:
+                build_tiny_v4(a.family, work / "model")
+    elif a.family == "minicpmv4_6":
+        workload.build_model_v46(work / "model")
     else:
         workload.build_model(work / "model", a.tokenizer)
     print(f"workload ready in {time.monotonic() - t_start:.0f} s", flush=True)
     cfg_path = work / "bench.yaml"
-    cfg_path.write_text(yaml.safe_dump(base_config(work, not a.cpu)))
+    cfg_path.write_text(yaml.safe_dump(base_config(work, not a.cpu, a.family)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if not (work / "rows" / "report.json").exists():

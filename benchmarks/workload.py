@@ -48,6 +48,33 @@ def build_model(out: Path, tokenizer: str) -> Path:
     return out
 
 
+# MiniCPM-V 4.6 at its published dims (../shared/reference/minicpmv4-facts.md): Qwen3.5-0.8B text (hidden 1024, 24
+# layers, 3 of 4 Gated-DeltaNet, 8 q / 2 kv heads of 256, MLP 3584, vocab 248,320, tied head) and SigLIP2-400M
+# (1152 × 27 layers, 16 heads, MLP 4304, patch 14). The linear-attention head dims are not in our sources: assumed
+# 16 key/value heads of 128 (transformers' Qwen3.5 defaults use heads of 128 too).
+V46_TEXT = dict(vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16)
+V46_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  patch_size=14)
+
+
+def build_model_v46(out: Path) -> Path:
+    """A MiniCPM-V-4.6-dims random-weight checkpoint (≈ 1.3 B) with the tiny 4.x tokenizer padded to the real
+    vocabulary: the text tokenizes into more tokens than with the real one, so compare token counts, not texts."""
+    import torch
+
+    from raytune_minicpmv.models.tiny_v4 import build_tiny_v4
+
+    if (out / "config.json").exists():
+        return out
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with device:
+        build_tiny_v4("minicpmv4_6", out, llm_layers=24, dtype=torch.bfloat16, max_shard_size="5GB",
+                      text_overrides=V46_TEXT, vision_overrides=V46_VISION)
+    return out
+
+
 def _sentence(rng: random.Random, n_words: int) -> str:
     words = [rng.choice(WORDS) for _ in range(n_words)]
     return " ".join(words).capitalize() + "."

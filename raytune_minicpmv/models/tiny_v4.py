@@ -28,8 +28,12 @@ import torch
 def build_tiny_v4(family: str, out_dir, *, tokenizer: Optional[str] = None, llm_hidden: int = 64,
                   llm_layers: int = 4, vision_hidden: int = 32, vision_layers: int = 3, vocab_size: Optional[int] = None,
                   downsample_mode: str = "16x", max_slice_nums: int = 9, seed: int = 0,
-                  dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB") -> Path:
-    """Write a random-weight 4.6 / 4.7 checkpoint directory for `family` and return its path."""
+                  dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB",
+                  text_overrides: Optional[dict] = None, vision_overrides: Optional[dict] = None) -> Path:
+    """Write a random-weight 4.6 / 4.7 checkpoint directory for `family` and return its path.
+
+    `text_overrides` / `vision_overrides` replace fields of the derived text / vision config (e.g. a real model's
+    dims for a GPU benchmark: benchmarks/workload.py `build_model_v46`)."""
     from transformers import AutoTokenizer
 
     from .registry import get_family
@@ -44,8 +48,11 @@ def build_tiny_v4(family: str, out_dir, *, tokenizer: Optional[str] = None, llm_
     write_processor_files(out, fam.name, downsample_mode=downsample_mode, max_slice_nums=max_slice_nums,
                           tokenizer=tokenizer)
     tok = AutoTokenizer.from_pretrained(str(out))
-    config = fam.config_class(**_config_fields(fam.name, tok, llm_hidden, llm_layers, vision_hidden, vision_layers,
-                                               vocab_size, downsample_mode))
+    fields = _config_fields(fam.name, tok, llm_hidden, llm_layers, vision_hidden, vision_layers, vocab_size,
+                            downsample_mode)
+    fields["text_config"].update(text_overrides or {})
+    fields["vision_config"].update(vision_overrides or {})
+    config = fam.config_class(**fields)
     torch.manual_seed(seed)
     model = fam.model_class(config).to(dtype)
     model.save_pretrained(str(out), max_shard_size=max_shard_size)

@@ -82,16 +82,16 @@ class StepReporter:
 
     def window_metrics(self, engine, state) -> dict[str, Any]:
         """The window's metrics (collective: the loss sum is all-reduced), then a new window starts."""
-        from .worker import all_reduce
+        from .worker import all_reduce, grad_norm
 
         if self.device_loss is not None:
             self.window[0] += float(self.device_loss)
             self.device_loss = None
         loss_sum = float(all_reduce(self.window[:1].clone(), engine.device)[0])
-        grad = engine.get_global_grad_norm()
+        grad = grad_norm(engine)
         metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch,
                                    "loss": loss_sum / max(float(self.window[1]), 1.0),
-                                   "grad_norm": float(grad) if grad is not None else float("nan"),
+                                   "grad_norm": grad if grad is not None else float("nan"),
                                    "lr": self.lr, "tokens_seen": state.tokens_seen, **self.meter.snapshot(),
                                    **self.meter.run_means()}
         self.window.zero_()

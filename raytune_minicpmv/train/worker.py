@@ -306,9 +306,31 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
             b = to_device(with_label_positions(b) if fused else b, engine.device)
             loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            _keep_plain_grad_norm(engine)
             engine.step()
             loss_total += loss_sum.detach().double()  # stays on the device: no host sync per micro-batch
     return loss_total, counts, step_t.seconds, wait_t.seconds, lr
+
+
+def _keeps_grad_norm(engine) -> bool:
+    # DeepSpeed's plain path (no ZeRO, fp32) clips with its own clip_grad_norm_ and drops the norm it computed
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def _keep_plain_grad_norm(engine) -> None:
+    """On the plain path, the norm of this step's gradients (before clipping), kept on the device (no host sync)."""
+    if _keeps_grad_norm(engine) or not engine.is_gradient_accumulation_boundary():
+        return
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    engine.plain_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def grad_norm(engine) -> Optional[float]:
+    """The last optimizer step's gradient 2-norm (before clipping), whatever the ZeRO stage and dtype."""
+    norm = engine.get_global_grad_norm()
+    if norm is None and not _keeps_grad_norm(engine):
+        norm = getattr(engine, "plain_grad_norm", None)
+    return None if norm is None else float(norm)
 
 
 @torch.no_grad()

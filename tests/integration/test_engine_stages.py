@@ -62,6 +62,20 @@ def test_zero0_and_zero1_apply_the_zero2_update(setup, capsys):
     assert losses[1] != losses[0]  # the weights moved between the two steps
 
 
+def test_every_stage_reports_the_same_finite_grad_norm(setup):
+    """DeepSpeed's plain path (ZeRO-0, fp32: the CPU / laptop default) clips and discards the norm, so the log line
+    printed `grad_norm nan` there; every stage must report the norm of the same gradients."""
+    from raytune_minicpmv.train.worker import grad_norm
+
+    ckpt, batches = setup
+    norms = {}
+    for stage in (0, 1, 2):
+        _, _, engine = run_steps(ckpt, batches, f"deepspeed.zero_stage={stage}", steps=1)
+        norms[stage] = grad_norm(engine)
+    assert all(n is not None and 0 < n < float("inf") for n in norms.values()), norms
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4) and norms[1] == pytest.approx(norms[2], rel=1e-4)
+
+
 def test_qlora_zero0_and_zero1_apply_the_zero2_update(setup):
     """model.quantization=nf4 (issue 14): the same equality on a 4-bit base (bitsandbytes' CPU backend)."""
     pytest.importorskip("bitsandbytes")

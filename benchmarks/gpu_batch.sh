@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements behind docs/PERFORMANCE.md's issue-12/13/14 tables, in parts that each fit one 10-minute
+# command on one GPU machine (one H200 here). Run from the repo root with ray + deepspeed (and, for the levers and
+# QLoRA rows, liger_kernel + bitsandbytes) importable; logs and result lines go to $OUT (default ./gpu_out).
+#
+#   bash benchmarks/gpu_batch.sh tests     # build the 2.21 B workload model, tests/gpu (kernels, QLoRA), kernels.py
+#   bash benchmarks/gpu_batch.sh levers    # real path: every lever on, QLoRA (NF4) at the same engine, Liger off
+#   bash benchmarks/gpu_batch.sh v46       # real path of the MiniCPM-V-4.6-dims model (recommended, ZeRO-2 mb 2)
+#   bash benchmarks/gpu_batch.sh launcher  # the same train loop under Ray Train and under torchrun
+#
+# Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+W=${W:-$PWD/.gpuwork}
+mkdir -p "$OUT" "$W"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAY_USAGE_STATS_ENABLED=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/card.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/card.txt"
+
+case "${1:-}" in
+  tests)
+    python3 benchmarks/kernels.py --build "$W/model" 2>&1 | tail -2
+    timeout 200 python3 -m pytest -m gpu tests/gpu/test_qlora_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_qlora_gpu.log" | tail -15
+    timeout 150 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -15
+    timeout 200 python3 benchmarks/kernels.py --model "$W/model" --out "$OUT/kernels_gpu.jsonl" 2>&1 | grep -v Loading | tail -12
+    ;;
+  levers)
+    timeout 580 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_levers_gpu.jsonl" \
+      --settings levers_on,qlora_levers_on,liger_off --budget-s 400 2>&1 | grep -v "Loading\|shards" | tail -20
+    ;;
+  v46)
+    timeout 580 python3 benchmarks/real_path.py --family minicpmv4_6 --work "$W/v46" --logs "$OUT/logs46" \
+      --out "$OUT/real_path_v46_gpu.jsonl" --settings recommended,zero2_mb2 --budget-s 380 2>&1 \
+      | grep -v "Loading\|shards" | tail -20
+    ;;
+  launcher)
+    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
+    for l in ray torchrun; do
+      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
+      timeout 240 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
+        --steps 25 --warmup 5 --cpus-per-worker 12 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | tail -3
+    done
+    ;;
+  *) echo "usage: $0 tests|levers|v46|launcher"; exit 2 ;;
+esac
