@@ -322,7 +322,9 @@ def _keep_plain_grad_norm(engine) -> None:
     if _keeps_grad_norm(engine) or not engine.is_gradient_accumulation_boundary():
         return
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    engine.plain_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    # (torch.nn.utils.get_total_norm is torch >= 2.6; the package's floor is 2.4)
+    engine.plain_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+        if grads else None
 
 
 def grad_norm(engine) -> Optional[float]:
