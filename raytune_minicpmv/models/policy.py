@@ -1,4 +1,4 @@
-"""Which parameters train: an explicit per-part policy (full / lora / frozen), or the official script's preset.
+r"""Which parameters train: an explicit per-part policy (full / lora / frozen), or the official script's preset.
 
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)   # may return a peft.PeftModel
     print(format_parameter_table(model))                             # per-part trainable / total counts

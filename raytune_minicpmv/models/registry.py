@@ -24,13 +24,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import (AutoConfig, AutoModel, MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration,
-                          MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration)
+import transformers
+from transformers import AutoConfig, AutoModel
 
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
 from .modeling import MiniCPMV25, MiniCPMV26, MiniCPMVBase
 
 log = logging.getLogger(__name__)
+
+
+def _hf_class(name: str):
+    """A class transformers ships from some release on, or None on an older one (its lazy module raises
+    ImportError / RuntimeError / AttributeError for a name it lacks, depending on the release)."""
+    try:
+        return getattr(transformers, name)
+    except Exception:  # noqa: BLE001 - any failure means: not usable in this install
+        return None
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,14 @@ FAMILIES: dict[str, ModelFamily] = {
         blocked="not implemented natively: its vision tower is a timm ViT (`vpm.blocks.*`, `vpm.pos_embed`; timm is "
                 "not a dependency) and its LLM is MiniCPM-2.4B (muP `scale_emb`/`scale_depth`), which transformers "
                 "does not ship; load it with model.trust_remote_code=true (needs timm and transformers<4.42)"),
-    "minicpmv4_6": ModelFamily("minicpmv4_6", "4.6", "qwen2", MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration,
-                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
-                               no_packing=V4_NO_PACKING),
-    "minicpmv4_7": ModelFamily("minicpmv4_7", "4.7", "qwen2", MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration,
-                               hf_native=True, lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
-                               no_packing=V4_NO_PACKING),
+    **{name: ModelFamily(name, version, "qwen2", _hf_class(f"MiniCPMV{v_}Config"),
+                         _hf_class(f"MiniCPMV{v_}ForConditionalGeneration"), hf_native=True,
+                         lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
+                         no_packing=V4_NO_PACKING,
+                         # transformers ships these classes from a release on: an older one still runs 2.x
+                         blocked=None if _hf_class(f"MiniCPMV{v_}Config") else
+                         f"needs transformers >= {needs} (installed: {transformers.__version__})")
+       for name, version, v_, needs in (("minicpmv4_6", "4.6", "4_6", "5.7"), ("minicpmv4_7", "4.7", "4_7", "5.18"))},
 }
 
 for _fam in FAMILIES.values():

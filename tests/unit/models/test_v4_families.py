@@ -260,3 +260,28 @@ def test_zero3_refused_for_v4_and_auto_stays_below_it(tiny46):
                             "deepspeed": {"zero_stage": "auto"}}, check_paths=False)
     plan = choose(cfg, model_size(cfg), MicroBatch(llm_tokens=512, crops=10), world=2, capacity_bytes=1)
     assert plan.stage == 2 and not plan.fits  # nothing fits 1 byte: the fallback is the largest allowed stage
+
+
+def test_the_package_imports_and_runs_2x_on_a_transformers_without_the_4x_classes(tmp_path):
+    """The GPU machine's transformers 5.17 has MiniCPM-V 4.6 but not 4.7 (>= 5.18): importing the package there
+    raised ImportError for everything, 2.6 included. Now only the missing family is refused, saying why."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, transformers\n"
+        "sys.modules['transformers.models.minicpmv4_7'] = None  # as if this release did not ship 4.7\n"
+        "for n in ('MiniCPMV4_7Config', 'MiniCPMV4_7ForConditionalGeneration', 'MiniCPMV4_7Processor'):\n"
+        "    transformers.__dict__.pop(n, None)\n"
+        "from raytune_minicpmv.models import build_tiny, load_model\n"
+        "from raytune_minicpmv.models.registry import FAMILIES, get_family\n"
+        f"model = load_model(build_tiny('minicpmv2_6', {str(tmp_path / 'm')!r}))\n"
+        "print('2.6 ok', type(model).__name__)\n"
+        "print('4.6', FAMILIES['minicpmv4_6'].blocked)\n"
+        "print('4.7', FAMILIES['minicpmv4_7'].blocked)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2.6 ok MiniCPMV26" in out.stdout
+    assert "4.6 None" in out.stdout
+    assert "4.7 needs transformers >= 5.18 (installed: " in out.stdout
