@@ -76,6 +76,7 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
          "model.liger: true needs GPUs (Liger Kernel is Triton/CUDA); set scaling.use_gpu=true or model.liger=auto")
     p += _quantization_problems(cfg, check_paths)
     p += _family_problems(cfg)
+    p += _unavailable_family(cfg)
     # trainable / lora
     t = cfg.trainable
     if t.preset is None:
@@ -290,6 +291,17 @@ def _exists(path: str) -> bool:
     if is_uri(path):
         return True  # remote storage is checked when it is opened
     return os.path.exists(path)
+
+
+def _unavailable_family(cfg: Config) -> list[str]:
+    """A family this install cannot run (e.g. 4.x on a transformers before 5.19), said before any work starts."""
+    if not str(cfg.model.family).startswith("minicpmv4"):  # only 4.x depends on the transformers release
+        return []
+    from ..models.registry import FAMILIES
+
+    fam = FAMILIES.get(cfg.model.family)
+    return [f"model.family: {fam.name} {fam.blocked}; pip install -U 'transformers>=5.19'"] \
+        if fam is not None and fam.blocked else []
 
 
 def _family_problems(cfg: Config) -> list[str]:

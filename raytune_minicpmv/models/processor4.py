@@ -45,12 +45,15 @@ def processor_class(family: str):
 
 
 def allow_video_processor_without_torchvision() -> None:
-    """Let ProcessorMixin's class check find `VideoProcessorMixin` when transformers hid it (no torchvision)."""
+    """Let ProcessorMixin's class check find the video processor base class when transformers hid it (no
+    torchvision): `VideoProcessorMixin` (5.18 on) or `BaseVideoProcessor` (5.17)."""
     import transformers.processing_utils as pu
-    from transformers.video_processing_utils import VideoProcessorMixin
+    import transformers.video_processing_utils as vpu
 
-    if not hasattr(pu.transformers_module, "VideoProcessorMixin"):
-        setattr(pu.transformers_module, "VideoProcessorMixin", VideoProcessorMixin)
+    for name in ("VideoProcessorMixin", "BaseVideoProcessor"):
+        real = getattr(vpu, name, None)
+        if real is not None and getattr(pu.transformers_module, name, None) is not real:  # hidden: a dummy
+            setattr(pu.transformers_module, name, real)
 
 
 def load_processor4(path, family: Optional[str] = None, downsample_mode: Optional[str] = None,

@@ -42,6 +42,25 @@ def _hf_class(name: str):
         return None
 
 
+# transformers 5.7 - 5.18 ship MiniCPM-V 4.6 (5.18: 4.7 too), but their ViT window merger reshapes all crops of a
+# micro-batch as if each had the first one's size ("assumes uniform per-image sizes"): any sliced image's crops
+# differ, so training fails with a shape error (seen on the GPU machine's 5.17). 5.19 merges per window.
+V4_MIN_TRANSFORMERS = "5.19"
+
+
+def _v4_blocked(config_class: str, installed: Optional[str] = None) -> Optional[str]:
+    """Why a 4.x family cannot run on this transformers (None: it can); an older one still runs 2.x."""
+    from packaging.version import Version
+
+    installed = installed or transformers.__version__
+    need = f"needs transformers >= {V4_MIN_TRANSFORMERS} (installed: {installed}"
+    if _hf_class(config_class) is None:
+        return f"{need}, which does not ship {config_class})"
+    if Version(installed) < Version(V4_MIN_TRANSFORMERS):
+        return f"{need}, whose vision merger assumes every crop of a micro-batch has one size)"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -91,10 +110,8 @@ FAMILIES: dict[str, ModelFamily] = {
                          _hf_class(f"MiniCPMV{v_}ForConditionalGeneration"), hf_native=True,
                          lora_targets=V4_LORA_TARGETS, vision_lora_targets=V4_VISION_LORA_TARGETS,
                          no_packing=V4_NO_PACKING,
-                         # transformers ships these classes from a release on: an older one still runs 2.x
-                         blocked=None if _hf_class(f"MiniCPMV{v_}Config") else
-                         f"needs transformers >= {needs} (installed: {transformers.__version__})")
-       for name, version, v_, needs in (("minicpmv4_6", "4.6", "4_6", "5.7"), ("minicpmv4_7", "4.7", "4_7", "5.18"))},
+                         blocked=_v4_blocked(f"MiniCPMV{v_}Config"))
+       for name, version, v_ in (("minicpmv4_6", "4.6", "4_6"), ("minicpmv4_7", "4.7", "4_7"))},
 }
 
 for _fam in FAMILIES.values():

@@ -284,4 +284,29 @@ def test_the_package_imports_and_runs_2x_on_a_transformers_without_the_4x_classe
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2.6 ok MiniCPMV26" in out.stdout
     assert "4.6 None" in out.stdout
-    assert "4.7 needs transformers >= 5.18 (installed: " in out.stdout
+    assert "4.7 needs transformers >= 5.19 (installed: " in out.stdout and "does not ship MiniCPMV4_7Config" in out.stdout
+
+
+def test_a_transformers_with_the_uniform_crop_merger_is_refused_for_4x_with_the_reason():
+    """transformers 5.7-5.18's 4.x ViT merger reshapes all crops of a micro-batch as if each had the first one's
+    size: a sliced image fails with a shape error deep in the forward (seen on the GPU machine's 5.17)."""
+    from raytune_minicpmv.models.registry import _v4_blocked
+
+    assert "whose vision merger assumes every crop of a micro-batch has one size" in _v4_blocked(
+        "MiniCPMV4_6Config", "5.17.0")
+    assert "needs transformers >= 5.19 (installed: 5.18.0" in _v4_blocked("MiniCPMV4_6Config", "5.18.0")
+    assert _v4_blocked("MiniCPMV4_6Config", "5.19.0") is None and _v4_blocked("MiniCPMV4_7Config", "5.24.0") is None
+
+
+def test_config_validation_refuses_a_4x_family_this_transformers_cannot_run(monkeypatch):
+    """On transformers 5.17 `validate` accepted a 4.6 config that then failed with a shape error in the first
+    forward; the family's reason is listed up front with the fix."""
+    import dataclasses
+
+    blocked = "needs transformers >= 5.19 (installed: 5.17.0, whose vision merger assumes ...)"
+    monkeypatch.setitem(FAMILIES, "minicpmv4_6", dataclasses.replace(FAMILIES["minicpmv4_6"], blocked=blocked))
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"family": "minicpmv4_6"}}, check_paths=False)
+    assert f"model.family: minicpmv4_6 {blocked}; pip install -U 'transformers>=5.19'" in str(e.value)
+    assert not any(p.startswith("model.family") for p in validate(
+        config_from_dict({"model": {"family": "minicpmv4_7"}}, check_paths=False), check_paths=False))
