@@ -59,9 +59,10 @@ V46_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27
                   patch_size=14)
 
 
-def build_model_v46(out: Path) -> Path:
+def build_model_v46(out: Path, family: str = "minicpmv4_6") -> Path:
     """A MiniCPM-V-4.6-dims random-weight checkpoint (≈ 1.3 B) with the tiny 4.x tokenizer padded to the real
-    vocabulary: the text tokenizes into more tokens than with the real one, so compare token counts, not texts."""
+    vocabulary: the text tokenizes into more tokens than with the real one, so compare token counts, not texts.
+    family="minicpmv4_7": 4.7's class (canvas M-RoPE) at the same dims (4.7-1B's own dims are not in our sources)."""
     import torch
 
     from raytune_minicpmv.models.tiny_v4 import build_tiny_v4
@@ -70,7 +71,7 @@ def build_model_v46(out: Path) -> Path:
         return out
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with device:
-        build_tiny_v4("minicpmv4_6", out, llm_layers=24, dtype=torch.bfloat16, max_shard_size="5GB",
+        build_tiny_v4(family, out, llm_layers=24, dtype=torch.bfloat16, max_shard_size="5GB",
                       text_overrides=V46_TEXT, vision_overrides=V46_VISION)
     return out
 
