@@ -54,6 +54,10 @@ def test_packed_vision_on_cuda_equals_padded_outputs_and_gradients(dtype, tol):
     (ref, ref_g), (got, got_g) = results
     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
     for name, grad in ref_g.items():
+        if name.endswith("self_attn.k_proj.bias"):
+            # its exact gradient is 0 (a bias added to every key shifts each query's scores by one constant, which
+            # softmax ignores): both paths hold rounding noise only (bf16 on the H200: 0.005 vs 0.007)
+            continue
         err, scale = (got_g[name] - grad).abs().max().item(), grad.abs().max().item()
         assert err <= tol * scale + 1e-6, f"{name}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
 
@@ -88,7 +92,9 @@ def assert_same(got, want, tol):
         assert (g - w).abs().max().item() <= tol * w.abs().max().item() + 1e-7
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# fp32: cuBLAS sums the chunked lm_head GEMMs in another order than the one big GEMM (H200: 1.8e-5 of the max
+# gradient); a wrong loss or gradient is off by O(1)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-5), (torch.bfloat16, 2e-2)])
 def test_torch_fused_ce_on_cuda_equals_the_logits_path(dtype, tol):
     from raytune_minicpmv.models.loss import linear_cross_entropy
 
