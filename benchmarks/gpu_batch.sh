@@ -5,7 +5,9 @@
 #
 #   bash benchmarks/gpu_batch.sh tests     # build the 2.21 B workload model, tests/gpu (kernels, QLoRA), kernels.py
 #   bash benchmarks/gpu_batch.sh levers    # real path: every lever on, QLoRA (NF4) at the same engine, Liger off
-#   bash benchmarks/gpu_batch.sh v46       # real path of the MiniCPM-V-4.6-dims model (recommended, ZeRO-2 mb 2)
+#   bash benchmarks/gpu_batch.sh v46       # MiniCPM-V 4.6 / 4.7 (4.6 dims) training steps, no Ray (needs transformers
+#                                          # >= 5.19 importable: carry its wheel instead of ray + deepspeed)
+#   bash benchmarks/gpu_batch.sh v46ray    # the same model through the real path (Ray + DeepSpeed + transformers >= 5.19)
 #   bash benchmarks/gpu_batch.sh launcher  # the same train loop under Ray Train and under torchrun
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
@@ -30,6 +32,13 @@ case "${1:-}" in
       --settings levers_on,qlora_levers_on,liger_off --budget-s 400 2>&1 | grep -v "Loading\|shards" | tail -20
     ;;
   v46)
+    for a in "minicpmv4_6 4" "minicpmv4_6 8" "minicpmv4_7 4"; do
+      set -- $a
+      timeout 200 python3 benchmarks/v4_step.py --family $1 --micro-batch $2 --records 64 --work "$W/v4" \
+        --out "$OUT/v4_step_gpu.jsonl" 2>&1 | grep -v "Loading\|shards" | tail -3
+    done
+    ;;
+  v46ray)
     timeout 580 python3 benchmarks/real_path.py --family minicpmv4_6 --work "$W/v46" --logs "$OUT/logs46" \
       --out "$OUT/real_path_v46_gpu.jsonl" --settings recommended,zero2_mb2 --budget-s 380 2>&1 \
       | grep -v "Loading\|shards" | tail -20
@@ -39,8 +48,8 @@ case "${1:-}" in
     for l in ray torchrun; do
       if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
       timeout 240 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
-        --steps 25 --warmup 5 --cpus-per-worker 12 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | tail -3
+        --steps 15 --warmup 5 --cpus-per-worker 12 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | tail -3
     done
     ;;
-  *) echo "usage: $0 tests|levers|v46|launcher"; exit 2 ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher"; exit 2 ;;
 esac
