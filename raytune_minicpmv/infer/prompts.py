@@ -11,7 +11,8 @@ model saw before the answer during training (system prompt, image placeholders, 
 "assistant\\n"), so nothing here renders a template a second time. A record without an answer (a question to ask)
 gets a one-token placeholder answer first (`with_answer_slot`), cut off again. The cut answer is the `reference`
 (eval metrics). The eval split inside the Train workers is already such rows (Ray Data numpy batches): `prompt_of`
-reads them too.
+reads them too. MiniCPM-V 4.6 / 4.7 (`spec` a `data.family4.Spec4`, `tok` its `Processor4Info`): the same functions
+go through the 4.x rows path (`data.rows4`) and return `prompts4.Prompt4` / the processor's batch (prompts4.py).
 """
 from __future__ import annotations
 
