@@ -62,9 +62,11 @@ class _Streamer:
         return To(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def run_chat(session: ChatSession, question: Optional[str], stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout) -> int:
-    """One question (given, or read from a non-terminal stdin), or an interactive loop on a terminal."""
+def run_chat(session: ChatSession, question: Optional[str], stdin: Optional[TextIO] = None,
+             stdout: Optional[TextIO] = None) -> int:
+    """One question (given, or read from a non-terminal stdin), or an interactive loop on a terminal.
+    The streams default to sys.stdin / sys.stdout at call time (not at import: a redirected stdout is honoured)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if question is None and not stdin.isatty():
         question = stdin.read().strip()
         if not question:
