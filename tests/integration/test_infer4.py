@@ -93,3 +93,14 @@ def test_generation_metrics_in_46_training_eval(ray_session, inputs):
     records = json.loads(Path(paths["data.eval_path"]).read_text())
     words = [len(x["conversations"][-1]["content"].split()) for x in records]
     assert len(records) == 6 and r["eval_reference_words"] == pytest.approx(sum(words) / len(words))
+
+    # the run's checkpoint (LoRA on both layer kinds + the connector as PEFT modules_to_save) applies for inference
+    from raytune_minicpmv.infer import load_for_inference
+    from raytune_minicpmv.models import load_model
+
+    adapted, _, _ = load_for_inference(paths["model.path"], adapter=summary["checkpoint"], device="cpu")
+    base = load_model(paths["model.path"], dtype=torch.float32)
+    name = "model.merger.mlp.0.linear_1.weight"
+    trained, before = dict(adapted.named_parameters()), dict(base.named_parameters())
+    assert type(adapted).__name__ == "MiniCPMV4_6ForConditionalGeneration" and name in trained
+    assert not torch.equal(trained[name], before[name])  # the trained connector, not the base's
