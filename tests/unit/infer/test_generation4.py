@@ -25,12 +25,12 @@ def _setup(ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny46(gen46, tmp_path_factory):
+def setup46(gen46, tmp_path_factory):
     return _setup(gen46, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def tiny47(gen47, tmp_path_factory):
+def setup47(gen47, tmp_path_factory):
     return _setup(gen47, tmp_path_factory)
 
 
@@ -52,7 +52,7 @@ def stepwise_argmax(model, family: str, p: Prompt4, steps: int, stops: list[int]
     return ids[len(p.input_ids):]
 
 
-@pytest.mark.parametrize("fixture,family", [("tiny46", "minicpmv4_6"), ("tiny47", "minicpmv4_7")])
+@pytest.mark.parametrize("fixture,family", [("setup46", "minicpmv4_6"), ("setup47", "minicpmv4_7")])
 def test_greedy_batch_equals_stepwise_argmax_of_our_forward(fixture, family, request):
     model, info, spec, prompts = request.getfixturevalue(fixture)
     assert type(model).__name__.startswith("MiniCPMV4_")  # transformers' class: its own generate
@@ -68,9 +68,9 @@ def test_greedy_batch_equals_stepwise_argmax_of_our_forward(fixture, family, req
     assert sum(len(r) for r in ref) >= 2 * len(prompts) and len({tuple(r) for r in ref}) > 1  # real, varied tokens
 
 
-def test_images_reach_the_prompt_the_model_decodes_from(tiny46):
+def test_images_reach_the_prompt_the_model_decodes_from(setup46):
     """Other pixels, other next-token logits of the batch generate decodes from (the features are scattered in)."""
-    model, info, spec, prompts = tiny46
+    model, info, spec, prompts = setup46
     p = min((q for q in prompts if len(q.target_sizes)), key=lambda q: q.pixel_values.shape[-1])
     flipped = Prompt4(p.id, p.input_ids, -p.pixel_values, p.target_sizes, p.mm_token_type_ids, p.reference_ids)
     with torch.no_grad():
@@ -78,8 +78,8 @@ def test_images_reach_the_prompt_the_model_decodes_from(tiny46):
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
-def test_sampling_knobs(tiny46):
-    model, info, spec, prompts = tiny46
+def test_sampling_knobs(setup46):
+    model, info, spec, prompts = setup46
     stops = stop_token_ids(info.tokenizer)
     b = prompt_batch([p for p in prompts if not len(p.target_sizes)])  # the knobs act on the LLM: text is enough
     greedy = generate(model, b, GenerationSettings(max_new_tokens=8), stops)
