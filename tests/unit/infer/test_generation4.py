@@ -34,9 +34,10 @@ def setup47(gen47, tmp_path_factory):
     return _setup(gen47, tmp_path_factory)
 
 
-def stepwise_argmax(model, family: str, p: Prompt4, steps: int, stops: list[int]) -> list[int]:
-    """Greedy decoding with the training forward on the unpadded prompt: the whole sequence at every step."""
-    ids = list(p.input_ids)
+def stepwise_argmax(model, family: str, p: Prompt4, steps: int, stops: list[int]) -> tuple[list[int], list]:
+    """Greedy decoding with the training forward on the unpadded prompt: the whole sequence at every step. Returns
+    the new ids and each step's next-token logits."""
+    ids, logits = list(p.input_ids), []
     for _ in range(steps):
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if len(p.target_sizes):
@@ -45,11 +46,12 @@ def stepwise_argmax(model, family: str, p: Prompt4, steps: int, stops: list[int]
         if p.mm_token_type_ids is not None:  # 4.7: generated tokens are text (0)
             batch["mm_token_type_ids"] = torch.tensor([list(p.mm_token_type_ids) + [0] * (len(ids) - len(p.input_ids))])
         with torch.no_grad():
-            nxt = int(forward_logits(model, batch, family)[0, -1].argmax())
+            logits.append(forward_logits(model, batch, family)[0, -1])
+        nxt = int(logits[-1].argmax())
         if nxt in stops:
             break
         ids.append(nxt)
-    return ids[len(p.input_ids):]
+    return ids[len(p.input_ids):], logits
 
 
 @pytest.mark.parametrize("fixture,family", [("setup46", "minicpmv4_6"), ("setup47", "minicpmv4_7")])
@@ -60,12 +62,20 @@ def test_greedy_batch_equals_stepwise_argmax_of_our_forward(fixture, family, req
     assert crops[0] == 0 and crops[-1] >= 3  # a text-only prompt and one with several crops (slices)
     assert len({len(p.input_ids) for p in prompts}) == 3  # the batch is left-padded
     assert (prompts[0].mm_token_type_ids is not None) == (family == "minicpmv4_7")
-    stops = stop_token_ids(info.tokenizer)
-    ours = generate(model, prompt_batch(prompts, downsample_mode=spec.downsample_mode),
-                    GenerationSettings(max_new_tokens=STEPS), stops, pad_id=info.pad_token_id)
+    stops, settings = stop_token_ids(info.tokenizer), GenerationSettings(max_new_tokens=STEPS)
+    batch = prompt_batch(prompts, downsample_mode=spec.downsample_mode)
+    ours = generate(model, batch, settings, stops, pad_id=info.pad_token_id)
     ref = [stepwise_argmax(model, family, p, STEPS, stops) for p in prompts]
-    assert ours == ref
-    assert sum(len(r) for r in ref) >= 2 * len(prompts) and len({tuple(r) for r in ref}) > 1  # real, varied tokens
+    assert ours == [ids for ids, _ in ref]
+    assert sum(len(r) for r, _ in ref) >= 2 * len(prompts) and len({tuple(r) for r, _ in ref}) > 1  # varied tokens
+    # and each step's logits, not only their argmax: positions under left padding (4.7: the canvas M-RoPE), the
+    # cache and the image features agree with the training forward to float32 rounding
+    with torch.no_grad():
+        out = model.generate(**batch, generation_config=settings.hf_config(stops, info.pad_token_id),
+                             output_logits=True, return_dict_in_generate=True)
+    for i, (_, logits) in enumerate(ref):
+        for t, want in enumerate(logits):
+            torch.testing.assert_close(out.logits[t][i], want, rtol=1e-4, atol=1e-4)
 
 
 def test_images_reach_the_prompt_the_model_decodes_from(setup46):
