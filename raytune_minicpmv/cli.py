@@ -289,7 +289,8 @@ def _infer(args) -> int:
         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     session = ChatSession(args.model, args.adapter, tuple(args.image), settings, system=args.system,
                           max_length=cfg.data.model_max_length, llm_type=cfg.data.llm_type,
-                          max_slice_nums=cfg.data.max_slice_nums if args.config else None, device=args.device)
+                          max_slice_nums=cfg.data.max_slice_nums if args.config else None, device=args.device,
+                          downsample_mode=cfg.model.downsample_mode if args.config else None)
     return run_chat(session, args.question)
 
 

@@ -5,7 +5,8 @@
     session.ask("And its colour?")                                         # multi-turn: history is kept
 
 The question becomes a fine-tune format record (the images in the first user turn) and goes through the training
-preprocessing (infer.prompts): the same template, slicing, placeholders and `data.*` settings as the training rows.
+preprocessing (infer.prompts): the same template, slicing, placeholders and `data.*` settings as the training rows
+(4.6 / 4.7: the 4.x rows path with the checkpoint's processor and chat template, infer.prompts4).
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ class ChatSession:
     def __init__(self, model_dir: str, adapter: Optional[str] = None, images: tuple[str, ...] = (),
                  settings: GenerationSettings = GenerationSettings(), system: Optional[str] = None,
                  max_length: int = 8192, llm_type: Optional[str] = None, max_slice_nums: Optional[int] = None,
-                 dtype=None, device: Optional[str] = None):
+                 dtype=None, device: Optional[str] = None, downsample_mode: Optional[str] = None):
         self.model, self.tok, self.spec = load_for_inference(model_dir, adapter, dtype=dtype, device=device,
-                                                             llm_type=llm_type, max_slice_nums=max_slice_nums)
+                                                             llm_type=llm_type, max_slice_nums=max_slice_nums,
+                                                             downsample_mode=downsample_mode)
         self.device = next(self.model.parameters()).device
         self.images, self.settings, self.system, self.max_length = list(images), settings, system, max_length
         self.stops = stop_token_ids(self.tok.tokenizer)
@@ -34,8 +36,8 @@ class ChatSession:
         rows, has = prompt_rows([raw], self.spec, self.tok, self.max_length)  # BadRecord: unusable image or text
         prompt = prompt_of(table_rows(rows, self.spec.patch_size)[0], has[0], self.spec.patch_size)
         streamer = _Streamer(self.tok.tokenizer, stream) if stream is not None else None
-        new = generate(self.model, to_device(prompt_batch([prompt]), self.device), self.settings, self.stops,
-                       streamer=streamer)[0]
+        batch = prompt_batch([prompt], downsample_mode=getattr(self.spec, "downsample_mode", None))  # 4.x: Spec4
+        new = generate(self.model, to_device(batch, self.device), self.settings, self.stops, streamer=streamer)[0]
         answer = decode(self.tok.tokenizer, new)
         self.history.append((question, answer))
         return answer
@@ -60,9 +62,11 @@ class _Streamer:
         return To(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def run_chat(session: ChatSession, question: Optional[str], stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout) -> int:
-    """One question (given, or read from a non-terminal stdin), or an interactive loop on a terminal."""
+def run_chat(session: ChatSession, question: Optional[str], stdin: Optional[TextIO] = None,
+             stdout: Optional[TextIO] = None) -> int:
+    """One question (given, or read from a non-terminal stdin), or an interactive loop on a terminal.
+    The streams default to sys.stdin / sys.stdout at call time (not at import: a redirected stdout is honoured)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if question is None and not stdin.isatty():
         question = stdin.read().strip()
         if not question:

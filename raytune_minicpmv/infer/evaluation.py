@@ -8,6 +8,7 @@ preprocessed rows, cut before their last assistant turn by `prompts.prompt_of`: 
 them against the cut answers and the sums are all-reduced, so every rank reports the same means. The ranks agree
 before each generate call that all still have rows, and under ZeRO-3 `synced_gpus` keeps their forwards in step
 (every forward gathers the partitioned weights collectively), so uneven shards and answer lengths never hang.
+4.6 / 4.7 rows (ROW_SCHEMA4) are cut the same way (prompts4.prompt4_of) and decoded by their family's `generate`.
 """
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ from .prompts import prompt_batch, prompt_of
 
 class GenerationScorer:
     def __init__(self, cfg, world: int):
-        from ..data.templates import TokenizerInfo
+        from ..models.registry import FAMILIES
+        from ..models.tokenizer_loading import load_tokenizer
 
         self.metrics = resolve_metrics(list(cfg.eval.generation_metrics))
-        self.tok = TokenizerInfo.load(cfg.data.tokenizer_path or cfg.model.path).tokenizer
+        self.tok = load_tokenizer(cfg.data.tokenizer_path or cfg.model.path)  # decoding and stop ids only
+        # 4.6 / 4.7: the model gets the processor's downsample mode, as the training forward does
+        fam = FAMILIES.get(cfg.model.family)
+        self.downsample_mode = cfg.model.downsample_mode if fam is not None and fam.hf_native else None
         self.stops = stop_token_ids(self.tok)
         self.settings = GenerationSettings.from_config(cfg.generate, max_new_tokens=cfg.eval.generation_max_new_tokens,
                                                        seed=cfg.generate.seed if cfg.generate.seed is not None
@@ -57,8 +62,8 @@ class GenerationScorer:
                 break
             batch = batch[:self.per_rank - done]
             prompts = [prompt_of(r) for r in batch]
-            new = generate(model, to_device(prompt_batch(prompts), device), self.settings, self.stops,
-                           synced_gpus=synced)
+            new = generate(model, to_device(prompt_batch(prompts, downsample_mode=self.downsample_mode), device),
+                           self.settings, self.stops, synced_gpus=synced)
             for p, ids in zip(prompts, new):
                 pred, ref = decode(self.tok, ids), decode(self.tok, p.reference_ids)
                 sums += torch.tensor([float(fn(pred, ref)) for fn in self.metrics.values()] + [1.0],

@@ -1,7 +1,7 @@
 """Text generation for a loaded model: the images are embedded once, then the LLM's own transformers `generate`
 decodes on `inputs_embeds` with its KV cache (greedy or sampled; stops at eos / `<|im_end|>` / `<|eot_id|>`).
 
-    model, tok, spec = load_for_inference("ckpt_dir", adapter="runs/x/checkpoint_step_0000100")
+    model, tok, spec = load_for_inference("ckpt_dir", adapter="runs/x/checkpoint_step_0000100")  # 2.x or 4.x
     settings = GenerationSettings.from_config(cfg.generate)           # or GenerationSettings(max_new_tokens=64)
     new_ids = generate(model, prompt_batch(prompts), settings, stop_token_ids(tok.tokenizer))   # list[list[int]]
     text = decode(tok.tokenizer, new_ids[0])
@@ -9,8 +9,12 @@ decodes on `inputs_embeds` with its KV cache (greedy or sampled; stops at eos / 
 Native 2.6 / 2.5: `model.embed_inputs` (the training forward's step 1-2: vision → resampler → features at the
 `image_bound` spans) builds `[B, L, D]` once; `model.llm.generate(inputs_embeds=..., attention_mask=...)` returns
 only the new tokens (as the official `chat()`, which also passes embeddings only: `repetition_penalty` therefore
-counts generated tokens, not the prompt). A family whose model has its own transformers `generate` (no
-`embed_inputs`, e.g. the transformers-native 4.6) is called as `model.generate(**batch)` and its prompt is cut off.
+counts generated tokens, not the prompt). 4.6 / 4.7 (transformers' `MiniCPMV4_6ForConditionalGeneration` /
+`MiniCPMV4_7ForConditionalGeneration`, no `embed_inputs`): the class's own multimodal `generate` on the processor
+batch of `prompts4.prompt_batch4` (input_ids, attention_mask, packed pixel_values, target_sizes, 4.7's
+mm_token_type_ids — 4.7 lays out its canvas M-RoPE positions from the ids — and `downsample_mode`); the images are
+encoded once in the prefill, the hybrid cache holds the KV and the linear-attention states; the prompt is cut off
+the output (here `repetition_penalty` also counts the prompt's tokens, as transformers does with input ids).
 `synced_gpus=True` keeps DeepSpeed ZeRO-3 ranks stepping together (each forward is a collective) until all finish.
 """
 from __future__ import annotations
@@ -85,7 +89,7 @@ def generate(model, batch: dict, settings: GenerationSettings, stop_ids: list[in
         emb = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["tgt_sizes"], batch["image_bound"])
         out = model.llm.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"], generation_config=config,
                                  streamer=streamer, synced_gpus=synced_gpus)
-    else:  # a family with its own multimodal transformers generate (processor inputs in `batch`)
+    else:  # 4.6 / 4.7: the family's own multimodal transformers generate (processor inputs in `batch`)
         out = model.generate(**batch, generation_config=config, streamer=streamer, synced_gpus=synced_gpus)
         out = out[:, batch["input_ids"].shape[1]:]
     return [cut_at_stop(seq.tolist(), stop_ids) for seq in out.cpu()]
@@ -120,28 +124,31 @@ def to_device(obj, device):
 
 def load_for_inference(model_dir, adapter: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                        device: Optional[str] = None, llm_type: Optional[str] = None,
-                       max_slice_nums: Optional[int] = None):
-    """(model in eval mode on `device`, TokenizerInfo, ModelSpec) of a checkpoint, with an adapter applied.
+                       max_slice_nums: Optional[int] = None, downsample_mode: Optional[str] = None):
+    """(model in eval mode on `device`, tokenizer side, model side) of a checkpoint, with an adapter applied.
 
+    2.6 / 2.5: (model, TokenizerInfo, ModelSpec). 4.6 / 4.7: (transformers' model, Processor4Info, Spec4): the
+    family's processor with `max_slice_nums` / `downsample_mode` as given (None: the checkpoint's), as the data stage
+    builds it, so prompts go through the same rows path as training (prompts.prompt_rows).
     `adapter`: a training checkpoint dir (its `adapter/`, or `full_model/` for a full fine-tune), a PEFT adapter dir
     (merged into the weights in memory: decoding then runs at base speed), or a dir of trained tensors.
     dtype None: bf16 on a GPU, fp32 on CPU."""
-    from ..data.templates import TokenizerInfo, model_spec_from_config
     from ..models import get_family, load_model
 
-    from ..config import ConfigError
-
     family = get_family(str(model_dir))
-    if family.hf_native:  # its prompts need the 4.x processor path (data/family4.py), not wired here yet
-        raise ConfigError([f"--model {model_dir}: a {family.name} checkpoint; chat / predict / generation metrics "
-                           "support MiniCPM-V 2.6 and 2.5 so far (docs/INFERENCE.md). For 4.6 / 4.7 use "
-                           "transformers' processor and model.generate on the merged checkpoint"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = load_model(str(model_dir), dtype=dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     model = model.to(device).eval()
+    if family.hf_native:
+        from ..data.family4 import Spec4
+
+        spec = Spec4(family.name, str(model_dir), downsample_mode, max_slice_nums)
+        return model, spec.load(), spec
+    from ..data.templates import TokenizerInfo, model_spec_from_config
+
     spec = model_spec_from_config(str(model_dir), llm_type or family.llm_type, max_slice_nums)
     return model, TokenizerInfo.load(str(model_dir)), spec
 

@@ -30,7 +30,8 @@ class Predictor:
     """The `map_batches` actor: one model replica; a pyarrow batch of raw records -> their outputs."""
 
     def __init__(self, model_dir: str, adapter: Optional[str], dtype: str, llm_type: Optional[str],
-                 max_slice_nums: int, max_length: int, on_bad_record: str, settings: dict, threads: int):
+                 max_slice_nums: int, max_length: int, on_bad_record: str, settings: dict, threads: int,
+                 downsample_mode: Optional[str] = None):
         import torch
 
         from .generation import GenerationSettings, load_for_inference, stop_token_ids
@@ -41,7 +42,8 @@ class Predictor:
         self.device = "cuda" if gpu else "cpu"
         self.model, self.tok, self.spec = load_for_inference(
             model_dir, adapter, dtype=getattr(torch, DTYPES[dtype]) if gpu else torch.float32, device=self.device,
-            llm_type=llm_type, max_slice_nums=max_slice_nums)
+            llm_type=llm_type, max_slice_nums=max_slice_nums, downsample_mode=downsample_mode)
+        self.downsample_mode = getattr(self.spec, "downsample_mode", None)  # 4.6 / 4.7 (Spec4): to the model too
         self.settings = GenerationSettings(**settings)
         self.stops = stop_token_ids(self.tok.tokenizer)
         self.max_length, self.on_bad_record = max_length, on_bad_record
@@ -61,7 +63,8 @@ class Predictor:
                    zip(good, table_rows([rows[k] for k in good], self.spec.patch_size))]
         outputs = {}
         if prompts:
-            new = generate(self.model, to_device(prompt_batch(prompts), self.device), self.settings, self.stops)
+            batch = prompt_batch(prompts, downsample_mode=self.downsample_mode)
+            new = generate(self.model, to_device(batch, self.device), self.settings, self.stops)
             outputs = {k: (decode(self.tok.tokenizer, n), decode(self.tok.tokenizer, p.reference_ids)
                            if p.has_reference else None) for k, p, n in zip(good, prompts, new)}
         lines = []
@@ -105,7 +108,8 @@ def run_predict(cfg, model_dir: str, data_path: str, out_path: str, adapter: Opt
                                 model_dir=str(model_dir), adapter=adapter, dtype=cfg.model.dtype,
                                 llm_type=cfg.data.llm_type, max_slice_nums=cfg.data.max_slice_nums,
                                 max_length=cfg.data.model_max_length, on_bad_record=cfg.data.on_bad_record,
-                                settings=settings, threads=max(1, int(g.num_cpus_per_actor))))
+                                settings=settings, threads=max(1, int(g.num_cpus_per_actor)),
+                                downsample_mode=cfg.model.downsample_mode))
         ds.context.raise_original_map_exception = True  # a worker's BadRecord reaches the user as itself
         log.info("predict: %d record(s) on %d actor(s) (%s)", len(todo), actors, "GPU" if num_gpus else "CPU")
         _end_torn_line(partial)  # a crash mid-write left half a line: the next line must not be glued to it

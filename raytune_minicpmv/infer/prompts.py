@@ -11,7 +11,8 @@ model saw before the answer during training (system prompt, image placeholders, 
 "assistant\\n"), so nothing here renders a template a second time. A record without an answer (a question to ask)
 gets a one-token placeholder answer first (`with_answer_slot`), cut off again. The cut answer is the `reference`
 (eval metrics). The eval split inside the Train workers is already such rows (Ray Data numpy batches): `prompt_of`
-reads them too.
+reads them too. MiniCPM-V 4.6 / 4.7 (`spec` a `data.family4.Spec4`, `tok` its `Processor4Info`): the same functions
+go through the 4.x rows path (`data.rows4`) and return `prompts4.Prompt4` / the processor's batch (prompts4.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from ..data.records import RawRecord
 from ..data.rows import preprocess_records, rows_to_table, table_to_numpy, unpack_pixels
+from .prompts4 import Prompt4, answer_start, is_row4, prompt4_of, prompt_batch4
 
 PLACEHOLDER_ANSWER = "x"  # a single letter: never merges with the template's "\n" before it (tested)
 
@@ -83,28 +85,35 @@ def chat_record(images: list[str], question: str, history: Iterable[tuple[str, s
 
 def prompt_rows(raws: list[RawRecord], spec, tok, max_length: int, on_bad_record: str = "error"):
     """The training rows of `raws` (placeholder answers added) and, per row, whether it had its own answer.
-    Bad records raise `BadRecord` (on_bad_record="error") or come back as tombstone rows (skip_reason set)."""
+    Bad records raise `BadRecord` (on_bad_record="error") or come back as tombstone rows (skip_reason set).
+    4.6 / 4.7: `spec` is the run's `Spec4` and `tok` its `Processor4Info` (the 4.x rows path, data/rows4.py)."""
+    from ..data.family4 import Spec4
+
     slotted = [with_answer_slot(r) for r in raws]
+    if isinstance(spec, Spec4):
+        from ..data.rows4 import preprocess_records4
+
+        rows = preprocess_records4([r for r, _ in slotted], tok, spec.family, max_length, on_bad_record)
+        return rows, [has for _, has in slotted]
     rows = preprocess_records([r for r, _ in slotted], spec, tok, max_length=max_length, on_bad_record=on_bad_record)
     return rows, [has for _, has in slotted]
 
 
 def table_rows(rows, patch_size: int = 14) -> list[dict]:
     """Rows -> one dict of numpy values per row: the layout of a Ray Data numpy batch (what the workers see)."""
-    cols = table_to_numpy(rows_to_table(rows, patch_size))
+    from ..data.rows4 import Row4, rows_to_table4
+
+    table = rows_to_table4(rows) if rows and isinstance(rows[0], Row4) else rows_to_table(rows, patch_size)
+    cols = table_to_numpy(table)
     return [{k: v[i] for k, v in cols.items()} for i in range(len(rows))]
 
 
-def prompt_of(row: dict, has_reference: bool = True, patch_size: int = 14) -> Prompt:
-    """Cut one training row (a dict of a row's columns) before its last assistant turn."""
+def prompt_of(row: dict, has_reference: bool = True, patch_size: int = 14) -> Prompt | Prompt4:
+    """Cut one training row (a dict of a row's columns) before its last assistant turn (a 4.x row: prompts4)."""
+    if is_row4(row):
+        return prompt4_of(row, has_reference, patch_size)
     ids = np.asarray(row["input_ids"], dtype=np.int64)
-    labels = np.asarray(row["labels"], dtype=np.int64)
-    trained = np.flatnonzero(labels != -100) + 1  # labels are pre-shifted: labels[t] is the target of token t+1
-    if len(trained) == 0:
-        raise ValueError(f"row {row.get('id')!r} has no assistant token to generate")
-    breaks = np.flatnonzero(np.diff(trained) > 1)
-    start = int(trained[breaks[-1] + 1] if len(breaks) else trained[0])
-    end = int(trained[-1]) + 1
+    start, end = answer_start(row)
     tgt = np.asarray(row["tgt_sizes"], dtype=np.int32).reshape(-1, 2)
     bounds = np.asarray(row["image_bound"], dtype=np.int64).reshape(-1, 2)
     crops = unpack_pixels(row["pixel_values"], tgt, patch_size) if len(tgt) else []
@@ -113,10 +122,13 @@ def prompt_of(row: dict, has_reference: bool = True, patch_size: int = 14) -> Pr
                   has_reference)
 
 
-def prompt_batch(prompts: list[Prompt], pad_id: int = 0) -> dict:
+def prompt_batch(prompts: list[Prompt], pad_id: int = 0, downsample_mode: Optional[str] = None) -> dict:
     """Left-padded batch (generation appends on the right): input_ids, attention_mask, and per sample its crops,
     tgt_sizes and image_bound shifted by its padding. Positions come from the mask inside generate (0 at the first
-    real token, as in training)."""
+    real token, as in training). 4.x prompts: the processor's batch (prompts4.prompt_batch4, the tokenizer's pad
+    id, `downsample_mode` for the model: the one the processor used)."""
+    if isinstance(prompts[0], Prompt4):
+        return prompt_batch4(prompts, downsample_mode)
     width = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -29,11 +29,15 @@ def build_tiny_v4(family: str, out_dir, *, tokenizer: Optional[str] = None, llm_
                   llm_layers: int = 4, vision_hidden: int = 32, vision_layers: int = 3, vocab_size: Optional[int] = None,
                   downsample_mode: str = "16x", max_slice_nums: int = 9, seed: int = 0,
                   dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB",
-                  text_overrides: Optional[dict] = None, vision_overrides: Optional[dict] = None) -> Path:
+                  text_overrides: Optional[dict] = None, vision_overrides: Optional[dict] = None,
+                  llm_init_std: Optional[float] = None) -> Path:
     """Write a random-weight 4.6 / 4.7 checkpoint directory for `family` and return its path.
 
     `text_overrides` / `vision_overrides` replace fields of the derived text / vision config (e.g. a real model's
-    dims for a GPU benchmark: benchmarks/workload.py `build_model_v46`)."""
+    dims for a GPU benchmark: benchmarks/workload.py `build_model_v46`).
+    `llm_init_std`: draw the LLM layers' matrices from N(0, std) instead of the config's initializer_range (0.02).
+    With the tied head, a toy model at 0.02 only repeats its last input token (the residual stream is ~ its own
+    embedding); generation tests use 0.1 so greedy answers are varied token sequences."""
     from transformers import AutoTokenizer
 
     from .registry import get_family
@@ -54,7 +58,13 @@ def build_tiny_v4(family: str, out_dir, *, tokenizer: Optional[str] = None, llm_
     fields["vision_config"].update(vision_overrides or {})
     config = fam.config_class(**fields)
     torch.manual_seed(seed)
-    model = fam.model_class(config).to(dtype)
+    model = fam.model_class(config)
+    if llm_init_std is not None:
+        with torch.no_grad():
+            for p in model.model.language_model.layers.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, llm_init_std)
+    model = model.to(dtype)
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
     return out
 

@@ -52,16 +52,19 @@ def test_config_rules_for_generation_metrics_and_decoding():
         assert any(p.startswith(key) for p in bad), (key, bad)
 
 
-def test_generation_metrics_and_inference_are_refused_for_the_4x_families_with_the_reason(tiny46):
-    """chat / predict / eval generation are wired for 2.6 / 2.5 only: a 4.6 run says so up front (config check)
-    and loading a 4.6 checkpoint for inference is a one-line user error, not a deep tokenizer failure."""
-    from raytune_minicpmv.config import validate
+def test_generation_metrics_and_inference_are_accepted_for_the_4x_families(tiny46):
+    """chat / predict / eval generation work for 4.6 / 4.7 (they were refused up front): the config check takes
+    eval.generation_metrics (and tune.metric on one) for a 4.6 run, and a 4.6 checkpoint loads for inference with
+    its family's processor (the 4.x rows path) as the tokenizer side."""
+    from raytune_minicpmv.data.family4 import Processor4Info, Spec4
     from raytune_minicpmv.infer import load_for_inference
 
-    ok = load_config(None, ["model.family=minicpmv4_6", "data.eval_path=x.json"], check_paths=False)
-    assert not [p for p in validate(ok, check_paths=False) if p.startswith("eval.generation_metrics")]
-    with pytest.raises(ConfigError, match=r"eval.generation_metrics: generation .* not wired for minicpmv4_6"):
-        load_config(None, ["model.family=minicpmv4_6", "data.eval_path=x.json",
-                           "eval.generation_metrics=[exact_match]"], check_paths=False)
-    with pytest.raises(ConfigError, match=r"a minicpmv4_6 checkpoint; chat / predict / generation metrics support"):
-        load_for_inference(tiny46)
+    cfg = load_config(None, ["model.family=minicpmv4_6", "data.eval_path=x.json", "model.downsample_mode=4x",
+                             "eval.generation_metrics=[exact_match]", "tune.metric=eval_exact_match",
+                             "tune.mode=max"], check_paths=False)
+    assert cfg.eval.generation_metrics == ["exact_match"]
+    model, info, spec = load_for_inference(tiny46, device="cpu", max_slice_nums=3, downsample_mode="4x")
+    assert type(model).__name__ == "MiniCPMV4_6ForConditionalGeneration" and not model.training
+    assert isinstance(info, Processor4Info) and isinstance(spec, Spec4)
+    assert (spec.family, spec.max_slice_nums, info.proc.image_processor.max_slice_nums) == ("minicpmv4_6", 3, 3)
+    assert info.proc.image_processor.downsample_mode == "4x" and info.divisor == 4
