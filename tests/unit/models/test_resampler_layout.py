@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from raytune_minicpmv.models.resampler import Resampler, ResamplerAttention
+from raytune_minicpmv.models.resampler import Resampler, ResamplerAttention, sincos_2d
 from raytune_minicpmv.models.vision import CropRuns
 
 DIM = 256  # two heads of 128
@@ -94,12 +94,47 @@ def test_kv_proj_exists_only_when_the_vision_width_differs_from_the_llm_width():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_a_bf16_resampler_runs_in_bf16(packed):
-    """The float32 sin-cos table is cast to the activations' dtype (a float32 key would meet bf16 weights)."""
-    resampler = randomised(Resampler(num_queries=4, embed_dim=DIM, kv_dim=64, max_size=(4, 4))).to(torch.bfloat16)
+@pytest.mark.parametrize("table", [(4, 4), (2, 2)], ids=["cast-table", "grown-float32-table"])
+def test_a_bf16_resampler_runs_in_bf16(packed, table):
+    """The sin-cos table is cast to the activations' dtype (a float32 key would meet bf16 weights). `.to(bf16)`
+    casts the buffer too, but a table grown for a larger crop is rebuilt in float32."""
+    resampler = randomised(Resampler(num_queries=4, embed_dim=DIM, kv_dim=64, max_size=table)).to(torch.bfloat16)
     sizes = torch.tensor([[2, 3], [1, 2]])
     x = torch.randn(8, 64) if packed else torch.randn(2, 6, 64)
     with torch.no_grad():
         out = resampler(x.to(torch.bfloat16), sizes, packed=packed)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 4, DIM)
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("grid", [(3, 2), (2, 3), (3, 3)], ids=["taller", "wider", "both"])
+def test_a_crop_larger_than_the_table_grows_it_to_the_same_values(grid):
+    """A crop grid beyond `max_size` on either axis rebuilds the sin-cos table at the larger size: the output
+    equals that of a resampler built with a table big enough from the start."""
+    small = randomised(Resampler(num_queries=3, embed_dim=DIM, kv_dim=64, max_size=(2, 2)))
+    big = Resampler(num_queries=3, embed_dim=DIM, kv_dim=64, max_size=(4, 4))
+    big.load_state_dict(small.state_dict())
+    x = torch.randn(1, grid[0] * grid[1], 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        grown = small(x, torch.tensor([grid]))
+        ref = big.eval()(x, torch.tensor([grid]))
+    want = (max(grid[0], 2), max(grid[1], 2))
+    assert small.max_size == want and tuple(small.pos_embed.shape) == (*want, DIM)
+    torch.testing.assert_close(grown, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_crop_within_the_table_keeps_it():
+    resampler = randomised(Resampler(num_queries=3, embed_dim=DIM, kv_dim=64, max_size=(3, 3)))
+    with torch.no_grad():
+        resampler(torch.randn(1, 6, 64), torch.tensor([[3, 2]]))
+    assert resampler.max_size == (3, 3) and tuple(resampler.pos_embed.shape) == (3, 3, DIM)
+
+
+def test_growing_the_table_of_a_meta_built_resampler_puts_it_on_the_cpu():
+    """Models built on the meta device (from_pretrained) get a real table: a meta tensor has no values."""
+    with torch.device("meta"):
+        resampler = Resampler(num_queries=2, embed_dim=DIM, kv_dim=64, max_size=(2, 2))
+    resampler.reset_pos_embed(3, 5)
+    assert resampler.pos_embed.device.type == "cpu"
+    assert resampler.max_size == (3, 5)
+    torch.testing.assert_close(resampler.pos_embed, sincos_2d(DIM, 3, 5), rtol=0, atol=0)
