@@ -132,9 +132,16 @@ def test_a_crop_within_the_table_keeps_it():
 
 def test_growing_the_table_of_a_meta_built_resampler_puts_it_on_the_cpu():
     """Models built on the meta device (from_pretrained) get a real table: a meta tensor has no values."""
-    with torch.device("meta"):
-        resampler = Resampler(num_queries=2, embed_dim=DIM, kv_dim=64, max_size=(2, 2))
+    resampler = Resampler(num_queries=2, embed_dim=DIM, kv_dim=64, max_size=(2, 2)).to("meta")
+    assert resampler.pos_embed.device.type == "meta"
     resampler.reset_pos_embed(3, 5)
     assert resampler.pos_embed.device.type == "cpu"
     assert resampler.max_size == (3, 5)
     torch.testing.assert_close(resampler.pos_embed, sincos_2d(DIM, 3, 5), rtol=0, atol=0)
+
+
+def test_the_three_layer_norms_use_the_remote_codes_eps():
+    """The remote code builds them with `partial(nn.LayerNorm, eps=1e-6)`, not torch's default 1e-5: with a
+    checkpoint's small activations the two give visibly different features."""
+    resampler = Resampler(num_queries=2, embed_dim=DIM, kv_dim=64, max_size=(2, 2))
+    assert [m.eps for m in (resampler.ln_q, resampler.ln_kv, resampler.ln_post)] == [1e-6] * 3
