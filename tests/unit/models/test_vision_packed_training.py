@@ -1,14 +1,17 @@
-"""The packed vision path applies the tower's attention dropout in training, and only then.
+"""The packed vision path in training: it applies the tower's attention dropout (and only in training), and it
+checkpoints a layer with the layer's own checkpoint function (the one transformers' gradient_checkpointing_enable
+or DeepSpeed set, with the user's kwargs), not a fixed one.
 
 The published SigLIP configs have `attention_dropout: 0.0`, so every other test ran with no dropout at all and
 mutation testing (docs/TESTING.md) found that a packed layer ignoring it went unnoticed; a user config with
 dropout > 0 would have trained without it on the packed (varlen) path only.
 
-Run: pytest tests/unit/models/test_vision_packed_dropout.py   (~2 s)
+Run: pytest tests/unit/models/test_vision_packed_training.py   (~2 s)
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import Idefics2VisionConfig
 
 from raytune_minicpmv.models.vision import NavitSiglipVisionTower
@@ -47,3 +50,22 @@ def test_packed_attention_dropout_acts_in_training_only():
 def test_without_dropout_training_and_eval_agree():
     model = tower(dropout=0.0)
     torch.testing.assert_close(packed_output(model.train(), 1), packed_output(model.eval(), 0), rtol=0, atol=0)
+
+
+def test_a_checkpointed_packed_layer_uses_the_layers_own_checkpoint_function():
+    model = tower(dropout=0.0).train()
+    layer = model.encoder.layers[0]
+    calls = []
+
+    def recording_checkpoint(fn, *args):
+        calls.append(len(args))
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, recording_checkpoint
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.cat([torch.randn(3, P, h * w * P, generator=g) for h, w in GRIDS], dim=-1)[None]
+    model(pixels, torch.tensor(GRIDS, dtype=torch.int32), packed=True).sum().backward()
+    assert calls == [1]
+    with torch.no_grad():  # no graph, nothing to recompute: not checkpointed
+        model(pixels, torch.tensor(GRIDS, dtype=torch.int32), packed=True)
+    assert calls == [1]
