@@ -10,6 +10,7 @@ Run: pytest tests/unit/models/test_vision_packed_training.py   (~2 s)
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import Idefics2VisionConfig
@@ -69,3 +70,12 @@ def test_a_checkpointed_packed_layer_uses_the_layers_own_checkpoint_function():
     with torch.no_grad():  # no graph, nothing to recompute: not checkpointed
         model(pixels, torch.tensor(GRIDS, dtype=torch.int32), packed=True)
     assert calls == [1]
+
+
+def test_the_25_tower_refusal_says_why():
+    config = Idefics2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                  patch_size=P, image_size=980)
+    legacy = NavitSiglipVisionTower(config, legacy_strip_positions=True)
+    with pytest.raises(ValueError, match=r"2\.5 tower: its crops attend their padding \(remote-code behaviour\), "
+                                         r"so padding changes its output$"):
+        legacy(torch.zeros(1, 3, P, 2 * P), torch.tensor([[1, 2]]), packed=True)
