@@ -1,6 +1,6 @@
 """The merge stage's steps on their own (no Ray, no verification model): shard-size parsing, which base files are
 copied and how config.json is relabelled, where the adapter is looked up, when an existing output counts as
-finished, and the memory the Ray task declares.
+finished, the memory the Ray task declares, and what the manifest records.
 
 Found by mutation testing (docs/TESTING.md): these steps ran only inside whole merges, whose assertions did not
 see a wrong unit, a copied index file, a skipped `.git` or a wrong memory estimate.
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from raytune_minicpmv.config import MergeConfig
 from raytune_minicpmv.merge.adapter import read_adapter
 from raytune_minicpmv.merge.merger import (MANIFEST, copy_non_weight_files, estimate_memory_bytes, is_finished,
-                                           parse_size, resolve_adapter_dir, write_manifest)
+                                           merge_adapter, parse_size, resolve_adapter_dir, write_manifest)
 from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
 
 MIB = 2**20
@@ -139,3 +139,20 @@ def test_declared_memory_is_the_larger_phase_plus_headroom(tiny_checkpoint):
         assert estimate_memory_bytes(base, adapter_dir, verify) == want
     no_verify = MergeConfig(dtype="fp32", verify_samples=0)
     assert estimate_memory_bytes(base, adapter_dir, no_verify) == int(1.5 * (largest + 512) + 512 * MIB)
+
+
+def test_the_manifest_names_the_inputs_the_writer_and_every_file(tiny_checkpoint, tmp_path):
+    """Written last: the inputs a rerun compares, who wrote it (host, pid, library versions), every file's size."""
+    import os
+    import socket
+
+    base, adapter = tiny_checkpoint
+    out = merge_adapter(base, adapter, tmp_path / "merged", MergeConfig(dtype="fp32", verify_samples=0))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["base"], manifest["adapter"], manifest["dtype"]) == (str(base), str(adapter), "fp32")
+    assert manifest["verification"] == {"skipped": True} and manifest["dequantized_base"] is False
+    assert (manifest["host"], manifest["pid"]) == (socket.gethostname(), os.getpid())
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safetensors"}
+    files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert manifest["files"] == files and any(name.endswith(".safetensors") for name in files)
