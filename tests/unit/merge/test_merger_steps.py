@@ -156,3 +156,16 @@ def test_the_manifest_names_the_inputs_the_writer_and_every_file(tiny_checkpoint
     assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safetensors"}
     files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
     assert manifest["files"] == files and any(name.endswith(".safetensors") for name in files)
+
+
+def test_run_merge_of_a_finished_output_returns_it_without_starting_ray(tiny_checkpoint, tmp_path):
+    """The Ray-task entry point checks the output first (the same inputs as merge_adapter's manifest)."""
+    import ray
+
+    from raytune_minicpmv.merge.merger import run_merge
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", verify_samples=0)
+    out = merge_adapter(base, adapter, tmp_path / "merged", cfg)
+    assert run_merge(base, adapter, out, cfg) == out
+    assert not ray.is_initialized()
