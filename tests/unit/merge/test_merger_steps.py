@@ -1,0 +1,171 @@
+"""The merge stage's steps on their own (no Ray, no verification model): shard-size parsing, which base files are
+copied and how config.json is relabelled, where the adapter is looked up, when an existing output counts as
+finished, the memory the Ray task declares, and what the manifest records.
+
+Found by mutation testing (docs/TESTING.md): these steps ran only inside whole merges, whose assertions did not
+see a wrong unit, a copied index file, a skipped `.git` or a wrong memory estimate.
+
+Run: pytest tests/unit/merge/test_merger_steps.py   (~3 s)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raytune_minicpmv.config import MergeConfig
+from raytune_minicpmv.merge.adapter import read_adapter
+from raytune_minicpmv.merge.merger import (MANIFEST, copy_non_weight_files, estimate_memory_bytes, is_finished,
+                                           merge_adapter, parse_size, resolve_adapter_dir, write_manifest)
+from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
+
+MIB = 2**20
+
+
+@pytest.mark.parametrize("text, size", [("500MB", 500 * 10**6), ("2GB", 2 * 10**9), ("40KB", 40 * 10**3),
+                                        ("1TB", 10**12), (" 1.5gb ", 1_500_000_000), ("0.5MB", 500_000)])
+def test_shard_sizes_are_decimal_units_case_and_space_insensitive(text, size):
+    assert parse_size(text) == size
+
+
+def base_dir(root: Path) -> Path:
+    """A base checkpoint's directory: weights in every format the merge rewrites, their indexes, and the rest."""
+    root.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "pytorch_model.bin", "vpm.pt", "x.pth", "x.ckpt", "x.h5",
+                 "flax_model.msgpack", "x.gguf", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        (root / name).write_bytes(b"w")
+    (root / "config.json").write_text(json.dumps({"torch_dtype": "float32", "dtype": "float32", "hidden_size": 8}))
+    (root / "tokenizer_config.json").write_text("{}")
+    (root / "modeling_minicpmv.py").write_text("# remote code\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "notes.txt").write_text("kept")
+    for skipped in (".git", ".cache"):
+        (root / skipped).mkdir()
+        (root / skipped / "HEAD").write_text("x")
+    return root
+
+
+def test_every_non_weight_file_is_copied_and_weights_indexes_and_vcs_dirs_are_not(tmp_path):
+    base, out = base_dir(tmp_path / "base"), tmp_path / "out"
+    out.mkdir()
+    copied = copy_non_weight_files(base, out, "bf16")
+    want = ["config.json", "modeling_minicpmv.py", "sub/notes.txt", "tokenizer_config.json"]
+    assert sorted(copied) == want
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == want
+    assert (out / "sub" / "notes.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize("dtype, name", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_the_copied_config_names_the_merge_dtype_under_the_keys_it_had(tmp_path, dtype, name):
+    base, out = base_dir(tmp_path / "base"), tmp_path / "out"
+    out.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    del config["dtype"]  # an older transformers wrote only torch_dtype: no key is added
+    (base / "config.json").write_text(json.dumps(config))
+    copy_non_weight_files(base, out, dtype)
+    assert json.loads((out / "config.json").read_text()) == {"torch_dtype": name, "hidden_size": 8}
+    assert (out / "config.json").read_text().endswith("}\n")
+
+
+def test_the_adapter_dir_or_its_full_model_sibling(tmp_path):
+    adapter = tmp_path / "ckpt" / "adapter"
+    with pytest.raises(FileNotFoundError, match=f"adapter directory {adapter} does not exist"):
+        resolve_adapter_dir(adapter)
+    (tmp_path / "ckpt" / "full_model").mkdir(parents=True)
+    assert resolve_adapter_dir(adapter) == tmp_path / "ckpt" / "full_model"
+    adapter.mkdir()
+    assert resolve_adapter_dir(adapter) == adapter  # an existing adapter/ wins
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_adapter_dir(tmp_path / "file")
+
+
+def test_an_existing_output_is_finished_only_with_its_manifest_inputs_and_files(tmp_path):
+    out = tmp_path / "merged"
+    inputs = {"base": "/b", "adapter": "/a", "dtype": "bf16"}
+    assert is_finished(out, inputs) is False  # nothing there yet
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"12345")
+    with pytest.raises(FileExistsError, match=f"no {MANIFEST}"):
+        is_finished(out, inputs)
+    write_manifest(out, dict(inputs))
+    assert is_finished(out, inputs) is True
+    with pytest.raises(FileExistsError, match=r"other inputs \(\{'dtype': \('bf16', 'fp32'\)\}"):
+        is_finished(out, {**inputs, "dtype": "fp32"})
+    (out / "model.safetensors").write_bytes(b"1234")  # same name, other size
+    with pytest.raises(FileExistsError, match=r"files changed or missing since the merge: \['model.safetensors'\]"):
+        is_finished(out, inputs)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(FileExistsError, match="model.safetensors"):
+        is_finished(out, inputs)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Two fp32 weight files (4 KiB and 1 KiB) plus an int64 buffer, and a LoRA adapter of 512 bytes."""
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"a.weight": torch.zeros(32, 32), "ids": torch.zeros(16, dtype=torch.int64)},
+              base / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": torch.zeros(16, 16)}, base / "model-00002-of-00002.safetensors")
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "model-00001-of-00002.safetensors", "ids": "model-00001-of-00002.safetensors",
+        "b.weight": "model-00002-of-00002.safetensors"}}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.a.lora_A.weight": torch.zeros(2, 32),
+               "base_model.model.a.lora_B.weight": torch.zeros(32, 2)}, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["a"]}))
+    return base, adapter
+
+
+def test_declared_memory_is_the_larger_phase_plus_headroom(tiny_checkpoint):
+    """Streaming: 1.5 x (largest base file + adapter); verification: 1.3 x the model in the merge dtype + adapter
+    (non-float tensors keep their size); plus 512 MiB for the interpreter and libraries."""
+    base, adapter_dir = tiny_checkpoint
+    reader = CheckpointReader(base)
+    adapter = read_adapter(adapter_dir, set(reader.keys()))
+    assert adapter.nbytes == 512
+    largest = reader.largest_file_bytes
+    assert largest >= 32 * 32 * 4 + 16 * 8
+    for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+        model = (32 * 32 + 16 * 16) * itemsize + 16 * 8
+        verify = MergeConfig(dtype=dtype, verify_samples=2)
+        want = int(max(1.5 * (largest + 512), 1.3 * model + 512) + 512 * MIB)
+        assert estimate_memory_bytes(base, adapter_dir, verify) == want
+    no_verify = MergeConfig(dtype="fp32", verify_samples=0)
+    assert estimate_memory_bytes(base, adapter_dir, no_verify) == int(1.5 * (largest + 512) + 512 * MIB)
+
+
+def test_the_manifest_names_the_inputs_the_writer_and_every_file(tiny_checkpoint, tmp_path):
+    """Written last: the inputs a rerun compares, who wrote it (host, pid, library versions), every file's size."""
+    import os
+    import socket
+
+    base, adapter = tiny_checkpoint
+    out = merge_adapter(base, adapter, tmp_path / "merged", MergeConfig(dtype="fp32", verify_samples=0))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["base"], manifest["adapter"], manifest["dtype"]) == (str(base), str(adapter), "fp32")
+    assert manifest["verification"] == {"skipped": True} and manifest["dequantized_base"] is False
+    assert (manifest["host"], manifest["pid"]) == (socket.gethostname(), os.getpid())
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safetensors"}
+    files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert manifest["files"] == files and any(name.endswith(".safetensors") for name in files)
+
+
+def test_run_merge_of_a_finished_output_returns_it_without_starting_ray(tiny_checkpoint, tmp_path):
+    """The Ray-task entry point checks the output first (the same inputs as merge_adapter's manifest)."""
+    import ray
+
+    from raytune_minicpmv.merge.merger import run_merge
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", verify_samples=0)
+    out = merge_adapter(base, adapter, tmp_path / "merged", cfg)
+    assert run_merge(base, adapter, out, cfg) == out
+    assert not ray.is_initialized()
