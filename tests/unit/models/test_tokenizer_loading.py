@@ -58,8 +58,8 @@ def test_published_tokenizer_loads_in_a_subprocess_with_open_stdin_without_promp
     text = log.read_text()
     assert rc == 0, text[-2000:]
     assert "custom code" not in text and "trust_remote_code" not in text, text[-2000:]
-    loaded_in = float(text.split("SECONDS")[1].split()[0])
-    assert loaded_in < 10, f"the tokenizer took {loaded_in} s (a prompt waits 15 s): {text[-1000:]}"
+    # No time bound on the load itself: a prompt shows up as its text above (input() writes it to stdout); the load
+    # took 14.5 s on this 2-core VM at load 8 (4 s idle), so a 10-s bound failed on a busy CI without any prompt.
     assert time.time() - started < 60
     ids = json.loads(text.split("IDS", 1)[1].splitlines()[0])
     reference = load_tokenizer(REFERENCE)  # stock Qwen2 class via AutoTokenizer
