@@ -1,5 +1,6 @@
 """data/packing.py's `prefetched` (the collate thread) and the budget boundaries: what mutation testing found
-unpinned (docs/TESTING.md). The thread must hand over every item and then stop, run ahead by at most `depth`
+unpinned (docs/TESTING.md). The planner must take the longest samples first, pack (not pad) when packing, emit a row at least 90 %
+full and carry a fuller-to-be one, and flush packed. The thread must hand over every item and then stop, run ahead by at most `depth`
 items, survive a consumer slower than its put poll, let go of the stream when the consumer stops early, and not
 keep the process alive (daemon).
 
@@ -12,7 +13,9 @@ import time
 
 import pytest
 
-from raytune_minicpmv.data.packing import first_fit_decreasing, padded_groups, prefetched
+import numpy as np
+
+from raytune_minicpmv.data.packing import budget_micro_batches, first_fit_decreasing, padded_groups, prefetched
 
 
 def _drain(it, timeout: float = 10.0) -> list:
@@ -102,5 +105,47 @@ def test_a_consumer_that_stops_early_lets_go_of_the_stream():
 def test_a_sample_of_exactly_the_budget_fits():
     assert padded_groups([1000, 10], 1000) == [[0], [1]]
     assert first_fit_decreasing([1000, 10], 1000) == [[0], [1]]
+    assert padded_groups([500, 500], 1000) == [[0, 1]]  # 2 x 500 is exactly the budget
     with pytest.raises(ValueError, match="a sample of 1001 tokens exceeds train.max_tokens_per_batch=1000"):
         padded_groups([1001], 1000)
+
+
+def test_first_fit_goes_longest_first():
+    # in stream order 100 and 900 would share a row and 950 open another; longest first, 950 opens row 0, 900 row 1,
+    # and 100 fits only beside 900 (1000 exactly)
+    assert first_fit_decreasing([100, 900, 950], 1000) == [[2], [0, 1]]
+
+
+def _text_rows(lengths: list[int]) -> dict:
+    """Numpy row columns of text-only samples (what Ray Data hands the collate) with the given lengths."""
+    def col(values):
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        return arr
+
+    ids = [np.arange(1, n + 1, dtype=np.int32) for n in lengths]
+    labels = [np.append(x[1:], -100).astype(np.int32) for x in ids]
+    return {"input_ids": col(ids), "labels": col(labels), "pixel_values": col([b""] * len(lengths)),
+            "tgt_sizes": col([np.zeros(0, np.int32)] * len(lengths)),
+            "image_bound": col([np.zeros(0, np.int64)] * len(lengths)), "num_images": col([0] * len(lengths))}
+
+
+def _packed(batches: list[list[int]], window: int = 2) -> list[list[int]]:
+    out = list(budget_micro_batches((_text_rows(b) for b in batches), 1000, packing=True, window=window))
+    for b in out:
+        n = int(b["seq_lens"].sum())  # a packed row (the flush too): one row, every position attended
+        assert b["input_ids"].shape == (1, n) and b["attention_mask"].tolist() == [[1] * n]
+    return [b["seq_lens"].tolist() for b in out]
+
+
+def test_packing_packs_what_padding_could_not_hold():
+    # 900 + 100 fit one packed row of 1000; padded they would be 2 x 900. Window 2: planned as a full window;
+    # window 64: planned by the end-of-epoch flush
+    assert _packed([[900, 100]], window=2) == _packed([[900, 100]], window=64) == [[900, 100]]
+
+
+def test_the_least_filled_row_is_carried_below_90_percent_and_emitted_from_90():
+    # window 2: [1000], [899] -> 899 < 900 is carried and shares a row with the next window's 50
+    assert _packed([[899, 1000], [50]]) == [[1000], [899, 50]]
+    # 900 is 90 % of the budget: emitted; the last 50 is flushed at the end of the epoch, as a packed row
+    assert _packed([[900, 1000], [50]]) == [[1000], [900], [50]]
