@@ -27,3 +27,9 @@ def test_a_broken_exif_block_does_not_make_the_image_unreadable(tmp_path):
         im.getexif()
     out = load_rgb(str(path))
     assert out.size == (4, 3) and np.asarray(out)[2, 3].tolist() == [1, 2, 3]
+
+
+def test_float_nan_and_infinities_are_black_in_the_unit_range():
+    # 0..1 data: NaN, +inf and -inf are 0 (they must not set the range or turn white)
+    im = Image.fromarray(np.array([[0.5, np.nan, np.inf, -np.inf, 1.0]], np.float32), "F")
+    assert np.asarray(to_rgb(im))[0, :, 0].tolist() == [128, 0, 0, 0, 255]
