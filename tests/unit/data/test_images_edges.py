@@ -33,3 +33,10 @@ def test_float_nan_and_infinities_are_black_in_the_unit_range():
     # 0..1 data: NaN, +inf and -inf are 0 (they must not set the range or turn white)
     im = Image.fromarray(np.array([[0.5, np.nan, np.inf, -np.inf, 1.0]], np.float32), "F")
     assert np.asarray(to_rgb(im))[0, :, 0].tolist() == [128, 0, 0, 0, 255]
+
+
+def test_palette_with_alpha_is_composited_on_white():
+    im = Image.new("PA", (2, 1), (0, 0))  # palette index 0 (black), alpha 0
+    im.putpalette([0, 0, 0] + [200, 0, 0] * 255)
+    im.putpixel((1, 0), (1, 255))  # index 1 (red), opaque
+    assert np.asarray(to_rgb(im))[0].tolist() == [[255, 255, 255], [200, 0, 0]]
