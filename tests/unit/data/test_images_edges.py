@@ -40,3 +40,9 @@ def test_palette_with_alpha_is_composited_on_white():
     im.putpalette([0, 0, 0] + [200, 0, 0] * 255)
     im.putpixel((1, 0), (1, 255))  # index 1 (red), opaque
     assert np.asarray(to_rgb(im))[0].tolist() == [[255, 255, 255], [200, 0, 0]]
+
+
+def test_premultiplied_rgba_is_composited_on_white():
+    im = Image.new("RGBa", (2, 1), (0, 0, 0, 0))
+    im.putpixel((1, 0), (90, 0, 0, 255))
+    assert np.asarray(to_rgb(im))[0].tolist() == [[255, 255, 255], [90, 0, 0]]
