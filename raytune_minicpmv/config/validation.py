@@ -296,11 +296,9 @@ def _family_problems(cfg: Config) -> list[str]:
     """Settings that only some model families support (imports the model registry only when one is set)."""
     m, p = cfg.model, []
     wants_packing = bool(getattr(cfg.data, "packing", False))
-    zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
     generation = bool(cfg.eval.generation_metrics)
-    if m.downsample_mode == "16x" and not wants_packing and not zero3 and not generation:  # nothing family-specific
+    if m.downsample_mode == "16x" and not wants_packing and not generation:  # nothing family-specific
         return p
-    from ..models.forward import family_supports_zero3
     from ..models.registry import FAMILIES
 
     fam = FAMILIES.get(m.family)
@@ -309,10 +307,6 @@ def _family_problems(cfg: Config) -> list[str]:
     if m.downsample_mode != "16x" and not fam.hf_native:
         p.append(f"model.downsample_mode: {m.downsample_mode!r} is a MiniCPM-V 4.6/4.7 setting; {m.family} has a "
                  "resampler with a fixed query count (leave model.downsample_mode at 16x)")
-    if zero3 and not family_supports_zero3(m.family):
-        p.append(f"deepspeed.zero_stage: 3 (and offload_param) is not supported for {m.family}: transformers' merger runs once per "
-                 "crop, so ranks with different crop counts fall out of step under partitioned parameters. Use "
-                 "deepspeed.zero_stage=2 (or auto), which holds this 1.3-1.6 B model on any current card")
     if generation and fam.hf_native:
         p.append(f"eval.generation_metrics: generation (chat / predict / eval metrics) is not wired for {m.family} "
                  "yet (docs/INFERENCE.md); rank trials by eval_loss (leave eval.generation_metrics empty)")

@@ -155,8 +155,6 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
     """The cheapest (stage, checkpointing) the config allows whose estimate fits; see the module docstring."""
     ds = cfg.deepspeed
     stages = [ds.zero_stage] if ds.zero_stage != "auto" else [0, 1, 2, 3]
-    if ds.zero_stage == "auto" and not _zero3_ok(cfg.model.family):
-        stages = [0, 1, 2]  # 4.6 / 4.7 (models.forward.family_supports_zero3)
     if ds.offload_param == "cpu":
         stages = [s for s in stages if s == 3]
     if ds.offload_optimizer == "cpu":
@@ -178,13 +176,6 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
             return EnginePlan(stage, ckpt, capacity_bytes, budget, tried)
     stage, ckpt = order[-1]
     return EnginePlan(stage, ckpt, capacity_bytes, budget, tried, fits=False)
-
-
-def _zero3_ok(family: str) -> bool:
-    from ..models.forward import family_supports_zero3
-    from ..models.registry import FAMILIES
-
-    return family not in FAMILIES or family_supports_zero3(family)
 
 
 def _tower_first(size: ModelSize, mb: MicroBatch) -> str:
