@@ -60,20 +60,6 @@ def _text_only(model, inputs: dict, downsample_mode: Optional[str]) -> torch.Ten
     return logits + 0.0 * dummy[0]
 
 
-def family_supports_zero3(family: str) -> bool:
-    """Whether DeepSpeed ZeRO-3 (partitioned parameters) can train this family.
-
-    Not 4.6 / 4.7: transformers' `merger` runs its MLP once per crop (a Python loop), so under ZeRO-3 a rank with
-    7 crops all-gathers the MLP's partitions 7 times and a rank with 3 crops 3 times: the ranks' collectives fall
-    out of step (gloo: "Received data size doesn't match", or a hang). DeepSpeed's leaf-module marking, the usual
-    cure, leaves stale gradients behind in this model (`zero_grad` fails on CPU). The models are small (1.3-1.6 B):
-    ZeRO-2 holds them on any current card.
-    """
-    from .registry import get_family
-
-    return not get_family(family).hf_native
-
-
 def family_supports_packing(family: str) -> bool:
     """Whether several samples may share one sequence (`data.packing`) for this family: `packing.packing_refusal`
     decides (not for 4.6 / 4.7, registry.V4_NO_PACKING says why)."""

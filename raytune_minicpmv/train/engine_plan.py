@@ -155,14 +155,14 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
     """The cheapest (stage, checkpointing) the config allows whose estimate fits; see the module docstring."""
     ds = cfg.deepspeed
     stages = [ds.zero_stage] if ds.zero_stage != "auto" else [0, 1, 2, 3]
-    if ds.zero_stage == "auto" and not _zero3_ok(cfg.model.family):
-        stages = [0, 1, 2]  # 4.6 / 4.7 (models.forward.family_supports_zero3)
     if ds.offload_param == "cpu":
         stages = [s for s in stages if s == 3]
     if ds.offload_optimizer == "cpu":
         stages = [s for s in stages if s >= 2]
     if cfg.model.quantization != "none":
         stages = [s for s in stages if s != 3]  # ZeRO-3 cannot partition bitsandbytes weights (validation says why)
+    if ds.zero_stage == "auto" and cfg.model.family.startswith("minicpmv4") and cfg.trainable.llm == "frozen":
+        stages = [s for s in stages if s != 3]  # 4.x with the LLM frozen hung under ZeRO-3 (validation says so)
     user_ckpt = cfg.model.gradient_checkpointing
     modes = [user_ckpt] if user_ckpt != "auto" else list(CKPT_MODES)
     if user_ckpt == "auto" and _tower_first(size, mb) == "llm":
@@ -178,13 +178,6 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
             return EnginePlan(stage, ckpt, capacity_bytes, budget, tried)
     stage, ckpt = order[-1]
     return EnginePlan(stage, ckpt, capacity_bytes, budget, tried, fits=False)
-
-
-def _zero3_ok(family: str) -> bool:
-    from ..models.forward import family_supports_zero3
-    from ..models.registry import FAMILIES
-
-    return family not in FAMILIES or family_supports_zero3(family)
 
 
 def _tower_first(size: ModelSize, mb: MicroBatch) -> str:

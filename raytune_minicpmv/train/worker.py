@@ -205,12 +205,19 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
         use_packed_attention(model, backend)
     kernels = configure_kernels(model, cfg.model, cfg.scaling.use_gpu)  # before PEFT (which copies vpm)
     say(kernels.describe())
+    # re-seeded: the LoRA draws then depend on run.seed only, not on how loading used the random stream (building
+    # under zero.Init draws differently), so every stage starts from the same adapter and every rank agrees
+    torch.manual_seed(cfg.run.seed)
     model = apply_trainable_policy(model, cfg.trainable, cfg.lora)
     if kernels.compile_vision:
         compile_vision_layers(model)
     say(f"model loaded in {time.perf_counter() - t0:.1f} s; parameters per part:\n{format_parameter_table(model)}")
     _cast_new_trainables(model, dtype)
     enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant
+    if cfg.deepspeed.zero_stage == 3:  # 4.x: the per-crop connector gathered once per forward (models/zero3.py)
+        from ..models.zero3 import prepare_for_zero3
+
+        prepare_for_zero3(model)
     optimizer = build_optimizer(model, cfg)
     say(f"DeepSpeed initialize (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype}) ...")
     t0 = time.perf_counter()

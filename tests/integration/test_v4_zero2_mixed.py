@@ -2,8 +2,8 @@
 
 transformers' 4.6 model skips its vision tower when a batch has no `pixel_values`; `forward_logits` then runs a
 zero-weight dummy crop inside the forward, so every trained tensor (LoRA, the connector copies) gets a gradient on
-every rank and the ranks' gradient reductions match. ZeRO-3 is refused for 4.x (models.forward.family_supports_zero3:
-the merger loops over crops, so partitioned-parameter gathers differ per rank; a run like this one hung there).
+every rank and the ranks' gradient reductions match. ZeRO-3 with ranks of different crop counts:
+test_v4_zero3_mixed.py (models/zero3.py).
 
 Run: flock /tmp/raytest.lock python -m pytest tests/integration/test_v4_zero2_mixed.py -q   (~1 min on 2 cores)
 """

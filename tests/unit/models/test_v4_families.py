@@ -248,18 +248,26 @@ def test_text_only_batch_runs_a_zero_weight_dummy_crop(family, request):
     assert connector and all(p.grad is not None and not p.grad.any() for p in connector)
 
 
-def test_zero3_refused_for_v4_and_auto_stays_below_it(tiny46):
-    """transformers' 4.x merger loops over crops: ZeRO-3 ranks with different crop counts desynchronise (a 2-rank
-    CPU run crashed with a gloo size mismatch), so explicit stage 3 is a config error and `auto` never picks it."""
+def test_zero3_for_v4_is_refused_only_with_a_frozen_llm():
+    """ZeRO-3 trains 4.x (tests/integration/test_v4_zero3_mixed.py); the one setup that hung there twice (the LLM
+    frozen, only the connector trained) is refused up front instead of left to hang a cluster."""
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: 3 with trainable\.llm=frozen is not supported "
+                                          r"for minicpmv4_6"):
+        config_from_dict({"model": {"family": "minicpmv4_6"}, "deepspeed": {"zero_stage": 3},
+                          "trainable": {"llm": "frozen"}}, check_paths=False)
+    config_from_dict({"model": {"family": "minicpmv4_6"}, "deepspeed": {"zero_stage": 3}}, check_paths=False)
+    config_from_dict({"model": {"family": "minicpmv2_6"}, "deepspeed": {"zero_stage": 3},
+                      "trainable": {"llm": "frozen"}}, check_paths=False)
+
+
+def test_auto_never_picks_zero3_for_v4_with_a_frozen_llm(tiny46):
     from raytune_minicpmv.train.engine_plan import MicroBatch, choose, model_size
 
-    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: 3 .*not supported for minicpmv4_6"):
-        config_from_dict({"model": {"family": "minicpmv4_6"}, "deepspeed": {"zero_stage": 3}}, check_paths=False)
-    config_from_dict({"model": {"family": "minicpmv2_6"}, "deepspeed": {"zero_stage": 3}}, check_paths=False)
-    cfg = config_from_dict({"model": {"family": "minicpmv4_6", "path": str(tiny46)},
-                            "deepspeed": {"zero_stage": "auto"}}, check_paths=False)
-    plan = choose(cfg, model_size(cfg), MicroBatch(llm_tokens=512, crops=10), world=2, capacity_bytes=1)
-    assert plan.stage == 2 and not plan.fits  # nothing fits 1 byte: the fallback is the largest allowed stage
+    for llm, fallback in (("frozen", 2), ("lora", 3)):
+        cfg = config_from_dict({"model": {"family": "minicpmv4_6", "path": str(tiny46)},
+                                "deepspeed": {"zero_stage": "auto"}, "trainable": {"llm": llm}}, check_paths=False)
+        plan = choose(cfg, model_size(cfg), MicroBatch(llm_tokens=512, crops=10), world=2, capacity_bytes=1)
+        assert plan.stage == fallback and not plan.fits  # nothing fits 1 byte: the fallback is the largest allowed
 
 
 def test_the_package_imports_and_runs_2x_on_a_transformers_without_the_4x_classes(tmp_path):
