@@ -82,7 +82,8 @@ class StepReporter:
 
     def window_metrics(self, engine, state) -> dict[str, Any]:
         """The window's metrics (collective: the loss sum is all-reduced), then a new window starts."""
-        from .worker import all_reduce, grad_norm
+        from .grad_norm import grad_norm
+        from .worker import all_reduce
 
         if self.device_loss is not None:
             self.window[0] += float(self.device_loss)

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .checkpoint import TrainState, load_checkpoint
+from .grad_norm import keep_plain_grad_norm
 from ..config import Config, config_from_dict, is_uri, join_uri
 from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list
 from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, peak_flops
@@ -313,33 +314,10 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
             b = to_device(with_label_positions(b) if fused else b, engine.device)
             loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            _keep_plain_grad_norm(engine)
+            keep_plain_grad_norm(engine)
             engine.step()
             loss_total += loss_sum.detach().double()  # stays on the device: no host sync per micro-batch
     return loss_total, counts, step_t.seconds, wait_t.seconds, lr
-
-
-def _keeps_grad_norm(engine) -> bool:
-    # DeepSpeed's plain path (no ZeRO, fp32) clips with its own clip_grad_norm_ and drops the norm it computed
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
-
-
-def _keep_plain_grad_norm(engine) -> None:
-    """On the plain path, the norm of this step's gradients (before clipping), kept on the device (no host sync)."""
-    if _keeps_grad_norm(engine) or not engine.is_gradient_accumulation_boundary():
-        return
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    # (torch.nn.utils.get_total_norm is torch >= 2.6; the package's floor is 2.4)
-    engine.plain_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-        if grads else None
-
-
-def grad_norm(engine) -> Optional[float]:
-    """The last optimizer step's gradient 2-norm (before clipping), whatever the ZeRO stage and dtype."""
-    norm = engine.get_global_grad_norm()
-    if norm is None and not _keeps_grad_norm(engine):
-        norm = getattr(engine, "plain_grad_norm", None)
-    return None if norm is None else float(norm)
 
 
 @torch.no_grad()

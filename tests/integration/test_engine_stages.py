@@ -65,7 +65,7 @@ def test_zero0_and_zero1_apply_the_zero2_update(setup, capsys):
 def test_every_stage_reports_the_same_finite_grad_norm(setup):
     """DeepSpeed's plain path (ZeRO-0, fp32: the CPU / laptop default) clips and discards the norm, so the log line
     printed `grad_norm nan` there; every stage must report the norm of the same gradients."""
-    from raytune_minicpmv.train.worker import grad_norm
+    from raytune_minicpmv.train.grad_norm import grad_norm
 
     ckpt, batches = setup
     norms = {}
