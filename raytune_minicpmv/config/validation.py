@@ -309,10 +309,10 @@ def _family_problems(cfg: Config) -> list[str]:
     m, p = cfg.model, []
     wants_packing = bool(getattr(cfg.data, "packing", False))
     zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
-    llm_frozen = cfg.trainable.llm == "frozen" and cfg.trainable.preset is None
-    if m.downsample_mode == "16x" and not wants_packing and not (zero3 and llm_frozen):  # nothing family-specific
+    if m.downsample_mode == "16x" and not wants_packing and not zero3:  # nothing family-specific
         return p
     from ..models.registry import FAMILIES
+    from ..models.zero3 import zero3_refusal
 
     fam = FAMILIES.get(m.family)
     if fam is None:
@@ -320,12 +320,11 @@ def _family_problems(cfg: Config) -> list[str]:
     if m.downsample_mode != "16x" and not fam.hf_native:
         p.append(f"model.downsample_mode: {m.downsample_mode!r} is a MiniCPM-V 4.6/4.7 setting; {m.family} has a "
                  "resampler with a fixed query count (leave model.downsample_mode at 16x)")
-    if zero3 and llm_frozen and fam.hf_native:
-        # every trained 4.x setup ran under ZeRO-3 in tests/integration/test_v4_zero3_mixed.py; this one hung twice
-        # on 2 CPU workers (not diagnosed), so it is refused rather than left to hang a cluster
-        p.append(f"deepspeed.zero_stage: 3 with trainable.llm=frozen is not supported for {m.family} (it hung in our "
-                 "2-rank tests, cause not found); use deepspeed.zero_stage=2 (or auto), which holds these 1.3-1.6 B "
-                 "models on any current card, or train the LLM (lora / full)")
+    why_not_zero3 = zero3_refusal(m.family, cfg.trainable) if zero3 else None
+    if why_not_zero3:
+        p.append(f"deepspeed.zero_stage: 3 with trainable.llm=frozen is not supported for {m.family} "
+                 f"({why_not_zero3}); use deepspeed.zero_stage=2 (or auto), which holds these 1.3-1.6 B models on any current card, or "
+                 "train the LLM (lora / full)")
     return p
 
 

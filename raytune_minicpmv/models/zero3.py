@@ -30,10 +30,28 @@ on access as an external parameter of the layer, in the same order on every rank
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 ZERO3_LEAF_CLASSES = ("MiniCPMV4_6Merger", "MiniCPMV4_7Merger")  # modules whose inner calls vary per batch
+
+
+def zero3_refusal(family: str, trainable) -> Optional[str]:
+    """Why ZeRO-3 cannot train `family` with this trainable set (config.TrainableConfig), or None when it can: the
+    one place that decides (validation refuses an explicit stage 3, engine_plan's `auto` never picks it).
+
+    Every trained 4.x setup ran under ZeRO-3 in tests/integration/test_v4_zero3_mixed.py; with the LLM frozen
+    (only the connector / vision trained) 2 CPU ranks hung twice, cause not found, so it is refused rather than
+    left to hang a cluster. An unknown name is None here: model.family's own check reports it.
+    """
+    from .registry import FAMILIES
+
+    fam = FAMILIES.get(family)
+    if fam is None or not fam.hf_native or trainable.preset is not None or trainable.llm != "frozen":
+        return None
+    return "it hung in our 2-rank tests, cause not found"
 
 
 def prepare_for_zero3(model: nn.Module) -> list[nn.Module]:

@@ -161,8 +161,8 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
         stages = [s for s in stages if s >= 2]
     if cfg.model.quantization != "none":
         stages = [s for s in stages if s != 3]  # ZeRO-3 cannot partition bitsandbytes weights (validation says why)
-    if ds.zero_stage == "auto" and cfg.model.family.startswith("minicpmv4") and cfg.trainable.llm == "frozen":
-        stages = [s for s in stages if s != 3]  # 4.x with the LLM frozen hung under ZeRO-3 (validation says so)
+    if ds.zero_stage == "auto" and _zero3_refused(cfg):
+        stages = [s for s in stages if s != 3]  # models.zero3.zero3_refusal (validation refuses an explicit 3)
     user_ckpt = cfg.model.gradient_checkpointing
     modes = [user_ckpt] if user_ckpt != "auto" else list(CKPT_MODES)
     if user_ckpt == "auto" and _tower_first(size, mb) == "llm":
@@ -178,6 +178,12 @@ def choose(cfg: Config, size: ModelSize, mb: MicroBatch, world: int, capacity_by
             return EnginePlan(stage, ckpt, capacity_bytes, budget, tried)
     stage, ckpt = order[-1]
     return EnginePlan(stage, ckpt, capacity_bytes, budget, tried, fits=False)
+
+
+def _zero3_refused(cfg: Config) -> bool:
+    from ..models.zero3 import zero3_refusal
+
+    return zero3_refusal(cfg.model.family, cfg.trainable) is not None
 
 
 def _tower_first(size: ModelSize, mb: MicroBatch) -> str:
