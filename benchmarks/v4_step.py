@@ -17,12 +17,10 @@ merger fully trained. Prints one line per setting: median step s, samples/s, rea
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -33,18 +31,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 LORA = r"model\.language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj)|linear_attn\.(in_proj_qkv|in_proj_z))"
 
 
-def _data_modules_without_ray():
-    """`raytune_minicpmv.data`'s __init__ imports the Ray Data wiring; the row code needs no Ray (not carried)."""
-    import raytune_minicpmv  # noqa: F401
-
-    spec = importlib.util.find_spec("raytune_minicpmv.data")
-    pkg = types.ModuleType("raytune_minicpmv.data")
-    pkg.__path__ = spec.submodule_search_locations
-    sys.modules.setdefault("raytune_minicpmv.data", pkg)
-
-
 def make_rows(work: Path, family: str, n: int, max_length: int):
-    _data_modules_without_ray()
     from raytune_minicpmv.data.family4 import Spec4
     from raytune_minicpmv.data.records import read_raw_records
     from raytune_minicpmv.data.rows4 import preprocess_records4, rows_to_table4

@@ -9,9 +9,18 @@ templates + labels), `rows.py` (the Arrow row contract), `pipeline.py` (the Ray 
 MiniCPM-V 4.6/4.7: `family4.py` (records through transformers' processor), `rows4.py`, `pipeline4.py`.
 See docs/DATA.md.
 """
-from .pipeline import build_dataset, collate, preprocess_for_check, run_preprocess
-from .records import BadDataError, BadRecord
-from .sample_data import write_sample_dataset
+import importlib
 
-__all__ = ["run_preprocess", "build_dataset", "collate", "preprocess_for_check", "write_sample_dataset",
-           "BadDataError", "BadRecord"]
+# Resolved on first use (PEP 562), so that importing a submodule (`data.rows4`, `data.records`, ...) does not import
+# the Ray Data wiring in `pipeline.py`: the row code runs where Ray is not installed (benchmarks/v4_step.py on a GPU
+# machine without ray, a notebook).
+_EXPORTS = {"run_preprocess": "pipeline", "build_dataset": "pipeline", "collate": "pipeline",
+            "preprocess_for_check": "pipeline", "write_sample_dataset": "sample_data",
+            "BadDataError": "records", "BadRecord": "records"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -286,3 +286,19 @@ def test_right_padding_leaves_each_rows_logits_unchanged(env, tmp_path):
             alone = model(**model_inputs4(collate(table_to_numpy(table.slice(i, 1))))).logits[0]
             assert torch.allclose(both[i, :len(alone)], alone, atol=1e-5), i
     assert table.column("num_tokens").to_pylist()[0] != table.column("num_tokens").to_pylist()[1]
+
+
+def test_the_row_code_imports_without_ray():
+    """benchmarks/v4_step.py builds 4.x rows on a GPU machine that has no ray: the data package's own names resolve
+    lazily, so importing a row module does not import the Ray Data wiring."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import raytune_minicpmv.data.rows4, raytune_minicpmv.data.family4, raytune_minicpmv.data.records\n"
+            "print('ray' in sys.modules)\n"
+            "from raytune_minicpmv.data import run_preprocess, BadRecord\n"
+            "print(run_preprocess.__module__, BadRecord.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "raytune_minicpmv.data.pipeline", "raytune_minicpmv.data.records"]
