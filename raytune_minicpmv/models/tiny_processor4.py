@@ -79,19 +79,14 @@ CHAT_TEMPLATE4 = (
 
 def build_tiny_tokenizer4(out_dir) -> Path:
     """Write the 4.6/4.7 tiny tokenizer (tokenizer.json + tokenizer_config.json) to out_dir and return it."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    from .tiny_tokenizer import VOCAB_SIZE, _training_lines
+    from .tiny_tokenizer import trained_bpe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_lines(), trainer=trainer)
+    tok = trained_bpe()
     tok.add_special_tokens(SPECIAL_TOKENS4)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     fast = PreTrainedTokenizerFast(

@@ -83,9 +83,22 @@ def _training_lines() -> list[str]:
     return lines
 
 
+def trained_bpe():
+    """The byte-level BPE of every tiny tokenizer (2.x and 4.x): VOCAB_SIZE tokens trained on the fixed corpus,
+    before any special token is added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_lines(), trainer=trainer)
+    return tok
+
+
 def build_tiny_tokenizer(out_dir, llm_type: str = "qwen2") -> Path:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json to out_dir and return it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     llm_type = "qwen2" if llm_type == "qwen" else llm_type
@@ -94,12 +107,7 @@ def build_tiny_tokenizer(out_dir, llm_type: str = "qwen2") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_lines(), trainer=trainer)
+    tok = trained_bpe()
     tok.add_special_tokens(SPECIAL_TOKENS)
 
     flavour = _FLAVOURS[llm_type]
