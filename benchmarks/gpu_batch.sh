@@ -9,6 +9,10 @@
 #                                          # >= 5.19 importable: carry its wheel instead of ray + deepspeed)
 #   bash benchmarks/gpu_batch.sh v46ray    # the same model through the real path (Ray + DeepSpeed + transformers >= 5.19)
 #   bash benchmarks/gpu_batch.sh launcher  # the same train loop under Ray Train and under torchrun
+#   bash benchmarks/gpu_batch.sh attention # tests/gpu kernels, then the real path with cuDNN / flash SDPA / varlen vision
+#   bash benchmarks/gpu_batch.sh targets   # issue 12 must-show rows: Ray vs torchrun (same loop), seed-like settings
+#   bash benchmarks/gpu_batch.sh profile   # where a step's time goes: `train --profile` of levers_on (real path),
+#                                          # then train_step.py profiled under Ray Train and under torchrun
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -51,5 +55,31 @@ case "${1:-}" in
         --steps 15 --warmup 5 --cpus-per-worker 12 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | tail -3
     done
     ;;
-  *) echo "usage: $0 tests|levers|v46|v46ray|launcher"; exit 2 ;;
+  attention)
+    timeout 90 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -6
+    timeout 480 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_attention_gpu.jsonl" \
+      --settings levers_on,levers_cudnn,levers_flash --budget-s 350 2>&1 | grep -v "Loading\|shards" | tail -8
+    ;;
+  targets)
+    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
+    for l in ray torchrun; do
+      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
+      timeout 110 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
+        --steps 15 --warmup 5 --cpus-per-worker 12 --tag launcher2 --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | grep "RESULT\|fit wall" | cut -c1-300
+    done
+    timeout 390 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_targets_gpu.jsonl" \
+      --settings seed_like --budget-s 250 2>&1 | grep -v "Loading\|shards" | tail -5
+    ;;
+  profile)
+    timeout 330 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_profile_gpu.jsonl" \
+      --settings "" --profile levers_on 2>&1 | grep -v "Loading\|shards" | tail -70
+    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
+    for l in ray torchrun; do
+      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
+      timeout 120 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
+        --steps 10 --warmup 3 --cpus-per-worker 12 --profile-steps 5 --tag profile --out "$OUT/train_step_profile_gpu.jsonl" \
+        2>&1 | tee "$OUT/train_step_profile_$l.log" | grep -A45 "profile of" | grep -v "Loading"
+    done
+    ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile"; exit 2 ;;
 esac

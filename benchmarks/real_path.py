@@ -102,6 +102,10 @@ SETTINGS.update({
     "varlen_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_varlen=false"], 15),
     "fused_ce_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.fused_ce=false"], 15),
     "liger_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.liger=false"], 15),
+    # the attention kernels (model.vision_attention, model.sdpa_kernel): levers_on resolves both to auto
+    # (varlen vision, flash SDPA); these rows pin the others. levers_cudnn is levers_on as it ran before them.
+    "levers_cudnn": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=grouped", "model.sdpa_kernel=cudnn"], 15),
+    "levers_flash": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=grouped", "model.sdpa_kernel=flash"], 15),
     # QLoRA (issue 14) at the levers_on engine and batch: the pair levers_on / qlora_levers_on is bf16 vs NF4
     "qlora_levers_on": (_LEVER_ENGINE + _LEVERS_ON + ["model.quantization=nf4"], 15),
 })
@@ -287,9 +291,9 @@ def main(argv=None) -> None:
             row["rc"] = rc
             row["error" if "error" in row else "failed_after"] = f"rc={rc}: " + "".join(
                 x for _, x in lines[-8:])[-400:]
-        if name.endswith("+profile"):  # a profiled run is not timed (the profiler syncs every step)
+        if name.endswith("+profile"):  # a profiled run is not timed (the profiler's own overhead): its summary
             at = next((i for i, (_, x) in enumerate(lines) if "profile of" in x), len(lines))
-            row = {"setting": name, "profile": "".join(x for _, x in lines[at:at + 20])}
+            row = {"setting": name, "profile": "".join(x for _, x in lines[at:at + 60])}
         _drop_checkpoints(work / "runs" / run)  # a full fine-tune's checkpoint is ~35 GB: keep the disk free
         rows.append(row)
         with open(a.out, "a") as f:

@@ -82,6 +82,14 @@ class ModelConfig:
     fused_ce: Literal[True, False, "auto"] = "auto"  # training loss from hidden states: no [tokens, vocab] logits
     liger: Literal[True, False, "auto"] = "auto"  # Liger Kernel (extra `gpu`): RMSNorm/SwiGLU/RoPE + fused CE
     compile_vision: bool = False  # torch.compile of the vision layers' per-token parts (first steps compile)
+    # the packed vision tower's attention (vision_varlen on): grouped (one SDPA call per run of equal-length crops;
+    # the exact CPU path) or varlen (one torch varlen_attn call per layer for all crops: CUDA, bf16/fp16, no
+    # attention dropout); auto: grouped (with flash SDPA it measured faster than varlen, docs/PERFORMANCE.md)
+    vision_attention: Literal["auto", "grouped", "varlen"] = "auto"
+    # torch SDPA's kernel family on CUDA: cudnn (torch's first choice on Hopper; it builds a cuDNN graph for every
+    # new shape, and training batches change shape every step), flash (FlashAttention-2 in torch: no per-shape
+    # build); auto: flash on CUDA (measured, docs/PERFORMANCE.md). Process-wide in the train worker
+    sdpa_kernel: Literal["auto", "cudnn", "flash"] = "auto"
     # bitsandbytes base weights (QLoRA; the `qlora` extra): nf4 (4-bit NormalFloat, double-quantized) or int8
     # LLM linear layers (vision tower, resampler, embeddings, lm_head stay in model.dtype); a pre-quantized
     # checkpoint (config.json quantization_config) must be named with its method. Needs trainable.llm lora or frozen,

@@ -74,6 +74,11 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
          "as the remote code does); use auto or false")
     need(not (m.liger is True and not cfg.scaling.use_gpu),
          "model.liger: true needs GPUs (Liger Kernel is Triton/CUDA); set scaling.use_gpu=true or model.liger=auto")
+    need(not (m.vision_attention == "varlen" and not (cfg.scaling.use_gpu and m.dtype in ("bf16", "fp16"))),
+         "model.vision_attention: varlen needs GPUs and model.dtype bf16 or fp16 (torch's varlen_attn); use auto "
+         "or grouped")
+    need(not (m.vision_attention == "varlen" and m.vision_varlen is False),
+         "model.vision_attention: varlen attends packed crops; it needs model.vision_varlen auto or true")
     p += _quantization_problems(cfg, check_paths)
     p += _family_problems(cfg)
     p += _unavailable_family(cfg)

@@ -18,6 +18,13 @@ Each lever is a `model.*` config switch (auto | true | false), resolved here:
   `liger_kernel` imports; true without it is an error naming the fix.
 * `compile_vision`: `torch.compile` of each vision encoder layer's MLP and layer norms (the per-token parts; the
   packed attention loops over crop runs and stays eager). Off unless asked: the first steps pay compilation.
+* `vision_attention` (with vision_varlen): `grouped` = one SDPA call per run of equal-length crops (exact on CPU),
+  `varlen` = one torch `varlen_attn` call per layer for all crops (CUDA, bf16/fp16, no attention dropout). auto =
+  grouped (with flash SDPA it measured faster than varlen on the H200).
+* `sdpa_kernel`: torch SDPA's kernel family on CUDA. `cudnn` is torch's first choice on Hopper, and it builds a
+  cuDNN graph for every new shape — real batches change shape every step (sample lengths, crops per run), so the
+  host spends milliseconds per attention call building graphs (the issue-12 profile). `flash` disables the cuDNN
+  backend for this process (FlashAttention-2 / memory-efficient kernels, no per-shape build). auto = flash on CUDA.
 """
 from __future__ import annotations
 
@@ -37,12 +44,15 @@ class KernelPlan:
     fused_ce: bool
     liger: bool
     compile_vision: bool
+    vision_attention: str = "grouped"  # with vision_varlen: grouped | varlen
+    sdpa_kernel: str = "default"  # default (CPU: torch's choice) | cudnn | flash
 
     def describe(self) -> str:
         on = lambda b: "on" if b else "off"  # noqa: E731
         fused = ("liger" if self.liger else "torch") if self.fused_ce else "off (logits)"
-        return (f"kernels: vision_varlen={on(self.vision_varlen)}, fused_ce={fused}, liger={on(self.liger)}, "
-                f"compile_vision={on(self.compile_vision)}")
+        vision = f" ({self.vision_attention} attention)" if self.vision_varlen else ""
+        return (f"kernels: vision_varlen={on(self.vision_varlen)}{vision}, fused_ce={fused}, liger={on(self.liger)}, "
+                f"compile_vision={on(self.compile_vision)}, sdpa={self.sdpa_kernel}")
 
 
 def liger_available() -> bool:
@@ -68,7 +78,35 @@ def plan_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
         raise ValueError("model.liger=true: needs CUDA GPUs and the `liger-kernel` package (pip install "
                          "'raytune-minicpmv[gpu]', or the liger_kernel wheel) on every worker, and a native model; "
                          "use auto or false")
-    return KernelPlan(varlen, fused, liger, bool(getattr(model_cfg, "compile_vision", False)) and native)
+    half = model_dtype(model) in (torch.float16, torch.bfloat16)
+    can_varlen = varlen and cuda and half and _varlen_attn_available() and not _vision_dropout(model)
+    attention = getattr(model_cfg, "vision_attention", "auto")
+    if attention == "varlen" and not can_varlen:
+        raise ValueError("model.vision_attention=varlen: needs packed vision (model.vision_varlen), CUDA GPUs, a bf16 "
+                         "or fp16 model, torch.nn.attention.varlen (torch >= 2.10) and attention_dropout 0 in the "
+                         "vision config; use auto or grouped")
+    # auto = grouped: with flash SDPA it measured faster than one varlen call per layer (H200, issue-12 workload:
+    # 0.884 vs 0.947 s/step, docs/PERFORMANCE.md "Attention kernels")
+    attention = "grouped" if attention == "auto" else attention
+    sdpa = getattr(model_cfg, "sdpa_kernel", "auto")
+    sdpa = "default" if not cuda else ("flash" if sdpa == "auto" else sdpa)
+    return KernelPlan(varlen, fused, liger, bool(getattr(model_cfg, "compile_vision", False)) and native,
+                      attention if varlen else "grouped", sdpa)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (its compute dtype), float32 if none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _varlen_attn_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def _vision_dropout(model: nn.Module) -> float:
+    """The vision tower's attention dropout (the Idefics2 attention module keeps it as `dropout`)."""
+    layers = getattr(getattr(getattr(model, "vpm", None), "encoder", None), "layers", None) or []
+    return float(getattr(layers[0].self_attn, "dropout", 0.0)) if len(layers) else 0.0
 
 
 def configure_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
@@ -76,6 +114,11 @@ def configure_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
     plan = plan_kernels(model, model_cfg, use_gpu)
     if plan.vision_varlen:
         model.vision_varlen = True
+        model.vpm.crop_attention = plan.vision_attention  # read by the packed tower (vision.py)
+    if plan.sdpa_kernel == "flash":  # no cuDNN SDPA in this process: see the module docstring
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    elif plan.sdpa_kernel == "cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(True)
     if plan.fused_ce:
         model.fused_ce = True
         model.fused_ce_impl = "liger" if plan.liger else "torch"

@@ -99,6 +99,17 @@ class CropRuns:
     def total(self) -> int:
         return sum(count * length for _, count, length in self.runs)
 
+    @property
+    def longest(self) -> int:
+        return max((length for _, _, length in self.runs), default=0)
+
+    def cu_seqlens(self) -> list[int]:
+        """Each crop's start in the packed sequence, then the total (varlen attention's `cu_seq_lens`)."""
+        out = [0]
+        for _, count, length in self.runs:
+            out += [out[-1] + length * (i + 1) for i in range(count)]
+        return out
+
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: CropRuns, scale: float,
                       dropout: float = 0.0) -> torch.Tensor:
@@ -113,9 +124,24 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: C
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def packed_encoder_layer(layer: nn.Module, hidden: torch.Tensor, runs: CropRuns) -> torch.Tensor:
+def varlen_crop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          longest: int, scale: float) -> torch.Tensor:
+    """Per-crop full attention over packed tokens in ONE kernel call: q/k/v `[T, H, D]` → `[T, H*D]`.
+
+    torch's `varlen_attn` (CUDA, bf16/fp16; no dropout) with the crops' starts as `cu_seqlens`: the same math as
+    `grouped_attention`, without a call (and, for cuDNN, a graph build) per run of equal-length crops.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale)
+    return out.reshape(q.shape[0], -1)
+
+
+def packed_encoder_layer(layer: nn.Module, hidden: torch.Tensor, runs: CropRuns,
+                         varlen: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """`Idefics2EncoderLayer`'s math on packed `[T, C]` hidden states, through the layer's own submodules (so LoRA,
-    PEFT wrappers and ZeRO-3 hooks on them apply); checkpointed when the layer has gradient checkpointing on."""
+    PEFT wrappers and ZeRO-3 hooks on them apply); checkpointed when the layer has gradient checkpointing on.
+    `varlen` = (cu_seqlens on the device, longest crop): the attention as one varlen call (vision_attention)."""
     attn = layer.self_attn
 
     def run(h: torch.Tensor) -> torch.Tensor:
@@ -123,7 +149,11 @@ def packed_encoder_layer(layer: nn.Module, hidden: torch.Tensor, runs: CropRuns)
         shape = (x.shape[0], attn.num_heads, attn.head_dim)
         q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         dropout = attn.dropout if attn.training else 0.0
-        h = h + attn.out_proj(grouped_attention(q, k, v, runs, attn.scale, dropout))
+        if varlen is not None and dropout:
+            raise ValueError("model.vision_attention=varlen: the vision tower's attention_dropout must be 0")
+        out = grouped_attention(q, k, v, runs, attn.scale, dropout) if varlen is None else \
+            varlen_crop_attention(q, k, v, varlen[0], varlen[1], attn.scale)
+        h = h + attn.out_proj(out)
         return h + layer.mlp(layer.layer_norm2(h))
 
     if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
@@ -208,6 +238,10 @@ class NavitSiglipVisionTower(nn.Module):
                              f"{runs.total * self.config.patch_size}] for tgt_sizes {tgt_sizes.tolist()}")
         position_ids = packed_position_ids(tgt_sizes, self.embeddings.num_patches_per_side)
         hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device)[None])[0]  # [T, C]
+        varlen = None
+        if getattr(self, "crop_attention", "grouped") == "varlen":  # models.kernels (model.vision_attention)
+            cu = torch.tensor(runs.cu_seqlens(), dtype=torch.int32).to(hidden.device, non_blocking=True)
+            varlen = (cu, runs.longest)
         for layer in self.encoder.layers:
-            hidden = packed_encoder_layer(layer, hidden, runs)
+            hidden = packed_encoder_layer(layer, hidden, runs, varlen)
         return self.post_layernorm(hidden)

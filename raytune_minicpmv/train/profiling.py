@@ -12,8 +12,14 @@ Perfetto trace `<run dir>/profile/trace_rank<R>.json` (open it in https://ui.per
 * GPU idle %: 1 − (union of the intervals in which at least one kernel or copy ran) / (wall time of the recorded
   steps). A high idle % with a short kernel time means the host (Python, launches, ZeRO bookkeeping, data wait,
   synchronisations) bounds the step, not the GPU.
+* the step's phases (`phase(...)` ranges of `worker.train_step`: data, counts, to_device, forward, backward,
+  optimizer): host ms per step in each, and the GPU ms of the kernels launched from it. A phase whose host time is
+  far above its GPU time is where the host bounds the step;
+* the host synchronisations (each one drains the GPU's queue) by the first Python frame outside torch that
+  caused them, per step (the trace records Python stacks for this);
+* the top host operators by self time (kernel launches, synchronisations, copies), with their counts per step.
 
-On CPU there are no kernels: the summary lists the top CPU operators instead, and the idle % is not reported.
+On CPU there are no kernels: the summary lists the phases and the top CPU operators, and the idle % is not reported.
 """
 from __future__ import annotations
 
@@ -25,6 +31,15 @@ from ..config import Config, is_uri, join_uri
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3
+PHASE_PREFIX = "step."
+
+
+def phase(name: str):
+    """A named range of the training step in the profiler trace (`step.<name>`); next to nothing when no profiler
+    records (one RecordFunction object)."""
+    import torch
+
+    return torch.profiler.record_function(PHASE_PREFIX + name)
 
 
 def attach_profiler(engine, cfg: Config, rank: int) -> Optional[object]:
@@ -43,10 +58,10 @@ def attach_profiler(engine, cfg: Config, rank: int) -> Optional[object]:
         path = os.path.join(out_dir, f"trace_rank{rank}.json")
         prof.export_chrome_trace(path)
         if rank == 0:
-            print(f"profile of {n} steps: trace {path}\n" + summarize(prof), flush=True)
+            print(f"profile of {n} steps: trace {path}\n" + summarize(prof, steps=n), flush=True)
 
     prof = profile(activities=activities, schedule=schedule(wait=0, warmup=WARMUP_STEPS, active=n, repeat=1),
-                   on_trace_ready=on_ready, record_shapes=False, with_stack=False)
+                   on_trace_ready=on_ready, record_shapes=False, with_stack=True)  # stacks: who syncs
     prof.start()
     inner = engine.step
     state = {"steps": 0}
@@ -55,8 +70,11 @@ def attach_profiler(engine, cfg: Config, rank: int) -> Optional[object]:
         out = inner(*args, **kwargs)
         if state["steps"] <= WARMUP_STEPS + n:  # past the window: the profiler is stopped, no per-step cost
             state["steps"] += 1
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the recorded step's kernels belong to it
+            # Synchronize only before the step that closes the window (its kernels must have run when the trace is
+            # collected): a sync at every step would book the GPU's queue drain as `optimizer` host time (the
+            # step's own Timer syncs at its end anyway).
+            if state["steps"] == WARMUP_STEPS + n and torch.cuda.is_available():
+                torch.cuda.synchronize()
             prof.step()
             if state["steps"] == WARMUP_STEPS + n:
                 prof.stop()
@@ -75,29 +93,93 @@ def _profile_dir(cfg: Config) -> str:
     return join_uri(run_dir, "profile")
 
 
-def summarize(prof, top: int = 15) -> str:
-    """Top kernels by GPU time and the GPU idle % of the recorded window (CPU: top operators)."""
+def summarize(prof, top: int = 15, steps: int = 0) -> str:
+    """Top kernels by GPU time, the GPU idle % of the recorded window, the step phases and the top host operators
+    (CPU: phases and top operators). `steps` (the recorded steps) turns totals into per-step figures."""
     events = list(prof.events())
+    averages = prof.key_averages()
     kernels = [e for e in events if _is_device(e)]
-    if not kernels:
-        rows = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
-        lines = ["top CPU operators (self time):"]
-        lines += [f"  {r.self_cpu_time_total / 1e3:9.1f} ms {r.count:6d}x  {r.key[:90]}" for r in rows]
-        return "\n".join(lines)
-    busy_us = union_length([(e.time_range.start, e.time_range.end) for e in kernels])
-    span = [(e.time_range.start, e.time_range.end) for e in events if e.time_range.end > e.time_range.start]
-    wall_us = max(end for _, end in span) - min(start for start, _ in span)
-    totals: dict[str, list] = {}
-    for e in kernels:
-        t = totals.setdefault(e.name, [0.0, 0])
-        t[0] += e.time_range.end - e.time_range.start
-        t[1] += 1
-    kernel_us = sum(t for t, _ in totals.values())
-    lines = [f"GPU idle {100 * (1 - busy_us / max(wall_us, 1e-9)):.1f}% of {wall_us / 1e3:.0f} ms "
-             f"(kernels busy {busy_us / 1e3:.0f} ms)", "top kernels (GPU time):"]
-    for name, (t, c) in sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
-        lines.append(f"  {t / 1e3:9.1f} ms {100 * t / max(kernel_us, 1e-9):5.1f}% {c:6d}x  {name[:90]}")
+    lines = []
+    if kernels:
+        busy_us = union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+        span = [(e.time_range.start, e.time_range.end) for e in events if e.time_range.end > e.time_range.start]
+        wall_us = max(end for _, end in span) - min(start for start, _ in span)
+        totals: dict[str, list] = {}
+        for e in kernels:
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += e.time_range.end - e.time_range.start
+            t[1] += 1
+        kernel_us = sum(t for t, _ in totals.values())
+        lines += [f"GPU idle {100 * (1 - busy_us / max(wall_us, 1e-9)):.1f}% of {wall_us / 1e3:.0f} ms "
+                  f"(kernels busy {busy_us / 1e3:.0f} ms, {len(kernels)} kernels and copies)", "top kernels (GPU time):"]
+        for name, (t, c) in sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
+            lines.append(f"  {t / 1e3:9.1f} ms {100 * t / max(kernel_us, 1e-9):5.1f}% {c:6d}x  {name[:90]}")
+    lines += phase_lines(averages, steps)
+    lines += sync_lines(events, steps)
+    per = max(steps, 1)
+    host = sorted((a for a in averages if not a.key.startswith(PHASE_PREFIX) and not a.key.startswith("ProfilerStep")),
+                  key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
+    lines.append(f"top host operators (self CPU time{' per step' if steps else ''}):")
+    lines += [f"  {a.self_cpu_time_total / 1e3 / per:9.1f} ms {a.count / per:8.0f}x  {a.key[:90]}" for a in host]
     return "\n".join(lines)
+
+
+def phase_lines(averages, steps: int) -> list[str]:
+    """The `phase(...)` ranges per recorded step (totals if steps=0): host ms inside the range, and on CUDA the
+    range's span on the GPU timeline (kineto mirrors each range there, from its first to its last kernel)."""
+    host: dict[str, list] = {}
+    gpu: dict[str, float] = {}
+    for a in averages:
+        if not a.key.startswith(PHASE_PREFIX):
+            continue
+        name = a.key[len(PHASE_PREFIX):]
+        if a.cpu_time_total > 0:
+            host[name] = [a.cpu_time_total, a.count]
+        else:  # the GPU-timeline copy of the range
+            gpu[name] = getattr(a, "device_time_total", getattr(a, "cuda_time_total", 0.0))
+    if not host:
+        return []
+    per = max(steps, 1)
+    out = [f"step phases ({'ms per step' if steps else 'ms in all'}: host time in it"
+           f"{', its span on the GPU' if gpu else ''}):"]
+    for name, (t, count) in sorted(host.items(), key=lambda kv: kv[1][0], reverse=True):
+        span = f"   GPU {gpu[name] / 1e3 / per:8.1f}" if name in gpu else ""
+        out.append(f"  {name:<10} host {t / 1e3 / per:8.1f}{span}   {count / per:4.0f}x")
+    return out
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def sync_lines(events, steps: int, top: int = 8) -> list[str]:
+    """Host synchronisations (each drains the GPU's queue) by the first Python frame outside torch that led to
+    them (the trace is recorded with stacks), per recorded step."""
+    counts: dict[str, list] = {}
+    for e in events:
+        if e.name not in SYNC_CALLS:
+            continue
+        where = _caller(e)
+        c = counts.setdefault(where, [0, 0.0])
+        c[0] += 1
+        c[1] += e.time_range.end - e.time_range.start
+    if not counts:
+        return []
+    per = max(steps, 1)
+    out = [f"host synchronisations ({'per step' if steps else 'in all'}, by caller):"]
+    for where, (n, us) in sorted(counts.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
+        out.append(f"  {n / per:7.1f}x {us / 1e3 / per:8.1f} ms  {where[:110]}")
+    return out
+
+
+def _caller(e) -> str:
+    node = e
+    while node is not None:
+        frames = [f for f in (getattr(node, "stack", None) or []) if "/torch/" not in f and "<built-in" not in f]
+        if frames:
+            return frames[0]
+        node = getattr(node, "cpu_parent", None)
+    parent = getattr(e, "cpu_parent", None)
+    return f"(no Python frame; under {parent.name if parent is not None else 'nothing'})"
 
 
 def _is_device(e) -> bool:

@@ -21,6 +21,7 @@ from .grad_norm import keep_plain_grad_norm
 from ..config import Config, config_from_dict, is_uri, join_uri
 from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list
 from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, peak_flops
+from .profiling import phase
 from .progress import Progress, StepReporter, report_to_ray, step_actions
 
 log = logging.getLogger(__name__)
@@ -300,22 +301,27 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
 
     fused = uses_fused_loss(engine.module)  # model.fused_ce: the loss from hidden states, no logits
     with Timer() as step_t:
-        with Timer() as wait_t:
+        with Timer() as wait_t, phase("data"):
             micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-        local = StepCounts()
-        for b in micro:
-            local = local + StepCounts.of_batch(b)
-        # the global token count of this step (the loss denominator) and the throughput counts, in one collective
-        counts = StepCounts.from_tensor(all_reduce(local.as_tensor(), engine.device))
+        with phase("counts"):
+            local = StepCounts()
+            for b in micro:
+                local = local + StepCounts.of_batch(b)
+            # the global token count of this step (the loss denominator) and the throughput counts, in one collective
+            counts = StepCounts.from_tensor(all_reduce(local.as_tensor(), engine.device))
         scale = world / max(counts.label_tokens, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)  # read at log steps only
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
-            b = to_device(with_label_positions(b) if fused else b, engine.device)
-            loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
-            engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            keep_plain_grad_norm(engine)
-            engine.step()
+            with phase("to_device"):
+                b = to_device(with_label_positions(b) if fused else b, engine.device)
+            with phase("forward"):
+                loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
+            with phase("backward"):
+                engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            with phase("optimizer"):
+                keep_plain_grad_norm(engine)
+                engine.step()
             loss_total += loss_sum.detach().double()  # stays on the device: no host sync per micro-batch
     return loss_total, counts, step_t.seconds, wait_t.seconds, lr
 

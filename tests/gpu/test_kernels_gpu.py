@@ -62,6 +62,56 @@ def test_packed_vision_on_cuda_equals_padded_outputs_and_gradients(dtype, tol):
         assert err <= tol * scale + 1e-6, f"{name}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
 
 
+def packed_outputs_and_grads(crop_attention: str, cudnn: bool = True):
+    """The packed 2-layer tower in bf16 over the real grids: features and every gradient."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    crops = [torch.randn(3, P, h * w * P, device="cuda", generator=g, dtype=torch.bfloat16) for h, w in GRIDS]
+    sizes = torch.tensor(GRIDS, dtype=torch.int32, device="cuda")
+    model = vision_tower(torch.bfloat16)
+    model.crop_attention = crop_attention
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    try:
+        out = run_tower(model, crops, sizes, packed=True)
+        weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1),
+                              dtype=torch.bfloat16)
+        (out.float() * weights.float()).sum().backward()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    return out.detach().float(), {n: q.grad.float() for n, q in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", ["varlen", "flash"])
+def test_varlen_and_flash_vision_attention_equal_the_grouped_cudnn_path(variant):
+    """model.vision_attention=varlen (one varlen_attn call per layer) and model.sdpa_kernel=flash (no cuDNN
+    SDPA) give the grouped cuDNN path's features and gradients to bf16 rounding."""
+    ref, ref_g = packed_outputs_and_grads("grouped", cudnn=True)
+    got, got_g = packed_outputs_and_grads("varlen" if variant == "varlen" else "grouped", cudnn=variant != "flash")
+    assert (got - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+    for name, grad in ref_g.items():
+        if name.endswith("self_attn.k_proj.bias"):  # exact gradient 0: rounding noise only (see above)
+            continue
+        err, scale = (got_g[name] - grad).abs().max().item(), grad.abs().max().item()
+        assert err <= 3e-2 * scale + 1e-6, f"{name}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def test_a_wrong_crop_boundary_changes_the_varlen_features():
+    """Control for the test above: varlen with the crops' boundaries merged (one sequence) is NOT the grouped
+    path, so the comparison can see a boundary error."""
+    from raytune_minicpmv.models import vision
+
+    ref, _ = packed_outputs_and_grads("grouped")
+    real = vision.CropRuns.cu_seqlens, vision.CropRuns.longest
+    vision.CropRuns.cu_seqlens = lambda self: [0, self.total]  # every crop in one attention sequence
+    vision.CropRuns.longest = property(lambda self: self.total)
+    try:
+        got, _ = packed_outputs_and_grads("varlen")
+    finally:
+        vision.CropRuns.cu_seqlens, vision.CropRuns.longest = real
+    # beyond the equality test's bound (H200: 0.35 of a largest feature of 5.8, the bound is 0.18)
+    assert (got - ref).abs().max().item() > 3e-2 * ref.abs().max().item()
+
+
 def head_case(dtype):
     torch.manual_seed(0)
     hidden = torch.randn(3, 700, 1536, device="cuda", dtype=dtype)

@@ -105,5 +105,10 @@ def test_profile_writes_a_trace_and_prints_the_summary(setup, capsys, tmp_path):
               "run.name=prof", "train.max_steps=8", steps=WARMUP_STEPS + 2)
     out = capsys.readouterr().out
     assert f"profile of 1 steps: trace {tmp_path}/prof/profile/trace_rank0.json" in out
-    assert "top CPU operators (self time):" in out  # CPU: no kernels, the operators instead
+    assert "top host operators (self CPU time per step):" in out  # CPU: no kernels, the operators instead
+    assert "GPU idle" not in out
+    phases = out.split("step phases (ms per step: host time in it):\n", 1)[1].split("top host", 1)[0]
+    # every phase of worker.train_step, once per recorded step (the data wait too: the step's first phase)
+    assert {line.split()[0] for line in phases.splitlines()} >= {"data", "counts", "to_device", "forward",
+                                                                "backward", "optimizer"}
     assert (tmp_path / "prof" / "profile" / "trace_rank0.json").stat().st_size > 1000
