@@ -169,3 +169,63 @@ def test_run_merge_of_a_finished_output_returns_it_without_starting_ray(tiny_che
     out = merge_adapter(base, adapter, tmp_path / "merged", cfg)
     assert run_merge(base, adapter, out, cfg) == out
     assert not ray.is_initialized()
+
+
+def test_the_ray_task_declares_the_estimate_within_the_clusters_memory(tiny_checkpoint, caplog):
+    """`run_merge`'s task options from `ray.cluster_resources()`: the estimate when the cluster has room for it, the
+    cluster's Ray memory when it has less (with a warning), the estimate when the cluster reports no memory."""
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", verify_samples=0, num_cpus=3, num_gpus=0)
+    estimate = estimate_memory_bytes(base, adapter, cfg)
+    roomy = merge_task_options(base, adapter, cfg, RayConfig(), {"CPU": 8.0, "memory": float(estimate + 1)})
+    assert roomy == {"num_cpus": 3, "num_gpus": 0, "memory": estimate, "resources": None, "max_retries": 2,
+                     "retry_exceptions": False}
+    assert merge_task_options(base, adapter, cfg, RayConfig(), {"CPU": 8.0})["memory"] == estimate
+    with caplog.at_level("WARNING", logger="raytune_minicpmv.merge.merger"):
+        small = merge_task_options(base, adapter, cfg, RayConfig(), {"memory": 300.0 * MIB + 0.5})
+    assert small["memory"] == 300 * MIB and type(small["memory"]) is int
+    assert "exceeds the cluster's 0.3 GiB of Ray memory; declaring the latter" in caplog.text
+
+
+def test_merge_memory_gb_is_declared_as_given_even_above_the_clusters_memory(tiny_checkpoint):
+    """merge.memory_gb overrides the estimate and the cap (the user knows better, e.g. an autoscaler adds nodes)."""
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", memory_gb=1.5, num_gpus=0.5)
+    options = merge_task_options(base, adapter, cfg, RayConfig(), {"memory": float(MIB)})
+    assert options["memory"] == 1536 * MIB and options["num_gpus"] == 0.5
+
+
+@pytest.mark.parametrize("num_gpus, driver_resource, cluster, want", [
+    (0, "trial_driver", {"trial_driver": 100.0}, {"trial_driver": 1.0}),  # the CPU head of cluster.yaml
+    (0, "trial_driver", {"trial_driver": 0.5}, None),  # less than one unit: nowhere to place the request
+    (0, "trial_driver", {}, None),  # a local Ray has no driver resource
+    (0, "", {"trial_driver": 100.0}, None),  # ray.driver_resource="" turns it off
+    (0, "merge_host", {"merge_host": 1.0, "trial_driver": 100.0}, {"merge_host": 1.0}),
+    (1, "trial_driver", {"trial_driver": 100.0}, None),  # a GPU merge must go to a GPU node, not the head
+])
+def test_a_cpu_merge_asks_for_the_driver_resource_when_the_cluster_has_it(tiny_checkpoint, num_gpus, driver_resource,
+                                                                          cluster, want):
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", memory_gb=1, num_gpus=num_gpus)
+    options = merge_task_options(base, adapter, cfg, RayConfig(driver_resource=driver_resource), cluster)
+    assert options["resources"] == want and options["num_gpus"] == num_gpus
+
+
+def test_the_ray_task_body_merges_and_returns_the_output_path_as_text(tiny_checkpoint, tmp_path):
+    """What the Ray worker runs (`run_merge` turns its string result back into a Path)."""
+    from raytune_minicpmv.merge.merger import _merge_task
+
+    base, adapter = tiny_checkpoint
+    out = tmp_path / "merged"
+    result = _merge_task(str(base), str(adapter), str(out), MergeConfig(dtype="bf16", verify_samples=0))
+    assert result == str(out) and type(result) is str
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "bf16"
