@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import fields
 
-from ..path_checks import checkpoint_problems, data_file_problems, packing_problems, storage_problems
+from ..path_checks import checkpoint_problems, packing_problems, storage_problems
 from .schema import Config, is_uri
 
 
@@ -58,9 +58,6 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              f"data.eval_path: {d.eval_path} is a directory; give one .json, .jsonl or .parquet file")
         need(d.tokenizer_path is None or _exists(d.tokenizer_path),
              f"data.tokenizer_path: {d.tokenizer_path} does not exist")
-        if not d.preprocessed:
-            p += data_file_problems("data.train_path", d.train_path) + data_file_problems("data.eval_path",
-                                                                                          d.eval_path)
         p += storage_problems(cfg.run.storage_path)
     # model
     m = cfg.model
