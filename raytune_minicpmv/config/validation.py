@@ -304,9 +304,8 @@ def _unavailable_family(cfg: Config) -> list[str]:
 def _family_problems(cfg: Config) -> list[str]:
     """Settings that only some model families support (imports the model registry only when one is set)."""
     m, p = cfg.model, []
-    wants_packing = bool(getattr(cfg.data, "packing", False))
     zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
-    if m.downsample_mode == "16x" and not wants_packing and not zero3:  # nothing family-specific
+    if m.downsample_mode == "16x" and not zero3:  # nothing family-specific (packing: _batching_problems)
         return p
     from ..models.registry import FAMILIES
     from ..models.zero3 import zero3_refusal

@@ -142,3 +142,136 @@ def test_every_problem_is_listed_at_once_in_the_order_of_the_sections(usable, tm
     assert [p.split(":")[0] for p in validate(cfg)] == [
         "run.name", "data.eval_path", "model.path", "lora.target_modules", "optim.lr", "train.report_to",
         "deepspeed.offload_optimizer", "merge.num_cpus"]
+
+
+def test_a_token_budget_replaces_micro_batch_size_and_packing_needs_one():
+    assert problems(train={"max_tokens_per_batch": 8192, "micro_batch_size": 2}) == [
+        "train.micro_batch_size: 2 together with train.max_tokens_per_batch; they are alternatives (the budget "
+        "decides how many samples a micro-batch holds): leave micro_batch_size at 1 or unset max_tokens_per_batch"]
+    assert problems(data={"packing": True}) == [
+        "data.packing: needs train.max_tokens_per_batch (the length of a packed row), e.g. 8192"]
+    assert problems(data={"packing": True}, train={"max_tokens_per_batch": 8192}) == []
+    assert problems(train={"max_tokens_per_batch": 8192}) == []
+
+
+def test_packing_is_refused_for_a_family_that_cannot_train_on_packed_rows():
+    found = problems(data={"packing": True}, train={"max_tokens_per_batch": 8192}, model={"family": "minicpmv2_0"})
+    assert found == ["data.packing: model family minicpmv2_0 cannot train on packed rows (it loads through its "
+                     "remote code, which knows no packed rows); set data.packing=false"]
+
+
+def test_varlen_packed_attention_needs_a_half_precision_dtype():
+    gpu = {"use_gpu": True}
+    assert problems(model={"packed_attention": "varlen", "dtype": "fp32"}, scaling=gpu) == [
+        "model.packed_attention: varlen runs in bf16/fp16 only; use sdpa or auto with model.dtype=fp32"]
+    assert problems(model={"packed_attention": "varlen", "dtype": "bf16"}, scaling=gpu) == []
+    assert problems(model={"packed_attention": "sdpa", "dtype": "fp32"}, scaling=gpu) == []
+
+
+def test_the_seed_compat_preset_trains_the_llm_with_lora_so_a_quantized_base_is_fine():
+    """The preset decides the trainable set (LoRA on the LLM), whatever trainable.llm says."""
+    assert problems(model={"quantization": "nf4"}, trainable={"preset": "seed_compat", "llm": "full"}) == []
+    assert problems(model={"quantization": "nf4"}, trainable={"llm": "full"}) == [
+        "trainable.llm: full fine-tuning of an nf4-quantized LLM is not possible (its weights are packed integers "
+        "without gradients); use trainable.llm=lora (QLoRA) or model.quantization=none"]
+
+
+def test_generation_metrics_are_builtin_or_module_function_names_each_reported_under_its_own_name(tmp_path):
+    ev = {"eval_path": str(tmp_path / "eval.jsonl")}  # not checked here (check_paths=False)
+    assert problems(eval={"generation_metrics": ["exact_match", "token_f1", "my_pkg.scores:bleu"]}, data=ev) == []
+    assert problems(eval={"generation_metrics": ["bleu", "my_pkg:"]}, data=ev) == [
+        f"eval.generation_metrics: {name!r} is not exact_match, token_f1 or a 'module:function' (a function "
+        "(prediction, reference) -> float)" for name in ("bleu", "my_pkg:")]
+    assert problems(eval={"generation_metrics": ["a.scores:bleu", "b:bleu"]}, data=ev) == [
+        "eval.generation_metrics: ['a.scores:bleu', 'b:bleu'] reports two metrics under one name (eval_<name>); "
+        "give each a distinct name"]
+    assert problems(eval={"generation_metrics": ["m:bleu", "m:rouge"]}, data=ev) == []
+
+
+def test_generation_metrics_need_an_eval_split():
+    assert problems(eval={"generation_metrics": ["exact_match"]}) == [
+        "eval.generation_metrics: needs an eval split; set data.eval_path"]
+    assert problems(eval={"generation_metrics": ["exact_match"]}, data={"preprocessed": True}) == []
+
+
+def test_tuning_on_a_generation_metric_needs_it_reported_and_maximised(tmp_path):
+    ev = {"eval_path": str(tmp_path / "eval.jsonl")}
+    reported = {"generation_metrics": ["token_f1"]}
+    assert problems(tune={"metric": "eval_token_f1", "mode": "max"}, eval=reported, data=ev) == []
+    assert problems(tune={"metric": "eval_token_f1", "mode": "min"}, eval=reported, data=ev) == [
+        "tune.mode: eval_token_f1 is better when higher; set tune.mode=max"]
+    assert problems(tune={"metric": "eval_exact_match", "mode": "max"}, eval=reported, data=ev) == [
+        "tune.metric: eval_exact_match is only reported with exact_match in eval.generation_metrics"]
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("max_new_tokens", 0, ">= 1"), ("temperature", 0.0, "> 0"), ("top_p", 1.5, "in (0, 1]"),
+    ("top_k", -1, ">= 0 (0 disables)"), ("repetition_penalty", 0.0, "> 0 (1 disables)"),
+    ("seed", 2**32, "in [0, 2**32) or unset"), ("batch_size", 0, ">= 1"), ("num_actors", 0, ">= 1"),
+    ("num_cpus_per_actor", 0.0, "> 0"), ("num_gpus_per_actor", -1.0, ">= 0 or unset"),
+])
+def test_a_decoding_setting_out_of_range_names_its_rule(key, value, rule):
+    assert problems(generate={key: value}) == [f"generate.{key}: must be {rule}"]
+
+
+def test_a_loguniform_lr_range_starting_at_zero_breaks_both_lr_rules():
+    from raytune_minicpmv.config import SearchSpaceConfig
+
+    assert problems(tune={"search": SearchSpaceConfig(lr=[0.0, 1e-3])}) == [
+        "tune.search.lr: loguniform needs [low, high] with 0 < low < high",
+        "tune.search.lr: learning rates must be in (0, 1)"]
+
+
+def test_a_4x_family_this_transformers_cannot_build_is_named_with_the_upgrade(monkeypatch):
+    """transformers here builds 4.6/4.7 (no family is blocked); an older release blocks them: the table says so."""
+    import dataclasses
+
+    from raytune_minicpmv.models.registry import FAMILIES
+
+    assert problems(model={"family": "minicpmv4_6"}) == []
+    why = "needs transformers >= 5.19 (found 5.10)"
+    monkeypatch.setitem(FAMILIES, "minicpmv4_6", dataclasses.replace(FAMILIES["minicpmv4_6"], blocked=why))
+    assert problems(model={"family": "minicpmv4_6"}) == [
+        f"model.family: minicpmv4_6 {why}; pip install -U 'transformers>=5.19'"]
+    assert problems(model={"family": "minicpmv2_0"}) == []  # blocked natively, but not by the transformers release
+
+
+def test_flex_and_varlen_packed_attention_run_on_gpus_only():
+    for kernel in ("flex", "varlen"):
+        assert problems(model={"packed_attention": kernel}, scaling={"use_gpu": False}) == [
+            f"model.packed_attention: {kernel} runs on GPUs only; use sdpa or auto on CPU"]
+        assert problems(model={"packed_attention": kernel}, scaling={"use_gpu": True}) == []
+    assert problems(model={"packed_attention": "sdpa"}, scaling={"use_gpu": False}) == []
+
+
+def test_custom_worker_resources_and_the_merge_memory_name_their_fix():
+    want = ["scaling.resources_per_worker: custom resources only (CPU/GPU come from cpus_per_worker/use_gpu), "
+            "every amount > 0"]
+    assert problems(scaling={"resources_per_worker": {"CPU": 2.0}}) == want
+    assert problems(scaling={"resources_per_worker": {"accelerator_type_h200": 0.0}}) == want
+    assert problems(scaling={"resources_per_worker": {"accelerator_type_h200": 0.5}}) == []
+    assert problems(merge={"memory_gb": 0.0}) == ["merge.memory_gb: must be > 0 (or unset to estimate it)"]
+
+
+FROZEN_LLM = {"vision": "full", "resampler": "full", "llm": "frozen"}
+ZERO3_REFUSAL = ("deepspeed.zero_stage: 3 with trainable.llm=frozen is not supported for minicpmv4_6 (it hung in our "
+                 "2-rank tests, cause not found); use deepspeed.zero_stage=2 (or auto), which holds these 1.3-1.6 B "
+                 "models on any current card, or train the LLM (lora / full)")
+
+
+@pytest.mark.parametrize("deepspeed, refused", [
+    ({"zero_stage": 3}, True), ({"zero_stage": "auto", "offload_param": "cpu"}, True),  # parameter offload is ZeRO-3
+    ({"zero_stage": 2}, False), ({"zero_stage": "auto"}, False),
+])
+def test_zero3_with_a_frozen_4x_llm_is_refused(deepspeed, refused):
+    found = problems(model={"family": "minicpmv4_6"}, trainable=FROZEN_LLM, deepspeed=deepspeed)
+    assert found == ([ZERO3_REFUSAL] if refused else [])
+    assert problems(model={"family": "minicpmv4_6"}, trainable={**FROZEN_LLM, "llm": "lora"}, deepspeed=deepspeed) == []
+    assert problems(model={"family": "minicpmv2_6"}, trainable=FROZEN_LLM, deepspeed=deepspeed) == []
+
+
+def test_downsample_mode_4x_is_a_4x_family_setting():
+    assert problems(model={"family": "minicpmv2_6", "downsample_mode": "4x"}) == [
+        "model.downsample_mode: '4x' is a MiniCPM-V 4.6/4.7 setting; minicpmv2_6 has a resampler with a fixed "
+        "query count (leave model.downsample_mode at 16x)"]
+    assert problems(model={"family": "minicpmv4_6", "downsample_mode": "4x"}) == []
