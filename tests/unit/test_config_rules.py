@@ -275,3 +275,6 @@ def test_downsample_mode_4x_is_a_4x_family_setting():
         "model.downsample_mode: '4x' is a MiniCPM-V 4.6/4.7 setting; minicpmv2_6 has a resampler with a fixed "
         "query count (leave model.downsample_mode at 16x)"]
     assert problems(model={"family": "minicpmv4_6", "downsample_mode": "4x"}) == []
+    # past the early return for 4x, the ZeRO-3 rule still applies only to ZeRO-3
+    assert problems(model={"family": "minicpmv4_6", "downsample_mode": "4x"}, trainable=FROZEN_LLM,
+                    deepspeed={"zero_stage": 2}) == []

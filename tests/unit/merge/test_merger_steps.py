@@ -229,3 +229,22 @@ def test_the_ray_task_body_merges_and_returns_the_output_path_as_text(tiny_check
     result = _merge_task(str(base), str(adapter), str(out), MergeConfig(dtype="bf16", verify_samples=0))
     assert result == str(out) and type(result) is str
     assert json.loads((out / MANIFEST).read_text())["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("layout, packed_bytes, float_elements", [("nf4", 512 + 40 + 128, 16 * 16),
+                                                                   ("int8", 32 * 32 + 128, 32 + 16 * 16)])
+def test_a_quantized_base_declares_memory_for_its_dequantized_model(tiny_checkpoint, layout, packed_bytes,
+                                                                    float_elements):
+    """A bitsandbytes base (`.quant_state.` keys for 4-bit, `.SCB` for LLM.int8) is dequantized whole before the
+    merge: each packed (non-float) byte may hold two weights, each in the merge dtype; float tensors are counted in
+    that dtype. Here the int64 buffer `ids` (128 bytes) counts as packed too."""
+    base, adapter_dir = tiny_checkpoint
+    packed = {"nf4": {"a.weight": torch.zeros(512, 1, dtype=torch.uint8),
+                      "a.weight.quant_state.bitsandbytes__nf4": torch.zeros(40, dtype=torch.uint8)},
+              "int8": {"a.weight": torch.zeros(32, 32, dtype=torch.int8), "a.SCB": torch.zeros(32)}}[layout]
+    save_file({**packed, "ids": torch.zeros(16, dtype=torch.int64)}, base / "model-00001-of-00002.safetensors")
+    largest = CheckpointReader(base).largest_file_bytes
+    for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+        model = packed_bytes * 2 * itemsize + float_elements * itemsize
+        want = int(max(1.5 * (largest + 512), 1.3 * model + 512) + 512 * MIB)
+        assert estimate_memory_bytes(base, adapter_dir, MergeConfig(dtype=dtype, verify_samples=2)) == want
