@@ -152,6 +152,7 @@ def test_the_manifest_names_the_inputs_the_writer_and_every_file(tiny_checkpoint
     assert (manifest["base"], manifest["adapter"], manifest["dtype"]) == (str(base), str(adapter), "fp32")
     assert manifest["verification"] == {"skipped": True} and manifest["dequantized_base"] is False
     assert (manifest["host"], manifest["pid"]) == (socket.gethostname(), os.getpid())
+    assert type(manifest["seconds"]) is float and manifest["seconds"] == round(manifest["seconds"], 1) >= 0  # 0.1 s
     assert manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safetensors"}
     files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
