@@ -249,3 +249,47 @@ def test_a_quantized_base_declares_memory_for_its_dequantized_model(tiny_checkpo
         model = packed_bytes * 2 * itemsize + float_elements * itemsize
         want = int(max(1.5 * (largest + 512), 1.3 * model + 512) + 512 * MIB)
         assert estimate_memory_bytes(base, adapter_dir, MergeConfig(dtype=dtype, verify_samples=2)) == want
+
+
+def test_the_temp_dir_sits_next_to_the_output_whose_parents_may_not_exist_yet(tmp_path):
+    from raytune_minicpmv.merge.merger import fresh_temp_dir
+
+    out = tmp_path / "runs" / "r1" / "merged"  # nothing of it exists yet
+    tmp = fresh_temp_dir(out)
+    assert tmp == tmp_path / "runs" / "r1" / ".merged.merging" and tmp.is_dir()
+    (tmp / "model-00001-of-00002.safetensors").write_bytes(b"half")  # an interrupted merge's leftovers
+    assert fresh_temp_dir(out) == tmp and list(tmp.iterdir()) == []
+
+
+def test_a_quantized_base_is_merged_into_its_dequantized_copy_in_the_merge_dtype(tmp_path):
+    """plain_base: a bitsandbytes checkpoint becomes a plain copy next to the output (replacing an interrupted
+    merge's copy), its floats in merge.dtype and its config without `quantization_config`; a plain base is itself."""
+    pytest.importorskip("bitsandbytes")
+    from raytune_minicpmv.merge.merger import plain_base
+    from raytune_minicpmv.models import build_tiny, load_model
+
+    plain = Path(build_tiny("minicpmv2_6", tmp_path / "bf16"))
+    out = tmp_path / "merged"
+    assert plain_base(plain, out, MergeConfig(dtype="fp32")) == plain
+    nf4 = tmp_path / "nf4"
+    load_model(plain, dtype=torch.bfloat16, quantization="nf4").save_pretrained(str(nf4))
+    assert "quantization_config" in json.loads((nf4 / "config.json").read_text())
+    work = tmp_path / ".merged.dequantized-base"
+    work.mkdir()
+    (work / "stale.safetensors").write_bytes(b"x")
+    assert plain_base(nf4, out, MergeConfig(dtype="fp32")) == work
+    assert not (work / "stale.safetensors").exists()
+    config = json.loads((work / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "float32"
+    reader = CheckpointReader(work)
+    assert {e.dtype for e in reader.entries} == {torch.float32}
+    assert set(reader.keys()) == set(CheckpointReader(plain).keys())  # packed weights and their states are gone
+
+    # the whole merge into that base: it says so in the manifest and removes the copy once published
+    from peft import LoraConfig, get_peft_model
+
+    targets = r"llm\..*layers\.\d+\.self_attn\.(q_proj|v_proj)"
+    lora = get_peft_model(load_model(plain, dtype=torch.float32), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    merged = merge_adapter(nf4, tmp_path / "adapter", out, MergeConfig(dtype="fp32", verify_samples=0))
+    assert json.loads((merged / MANIFEST).read_text())["dequantized_base"] is True and not work.exists()
