@@ -132,17 +132,20 @@ def _without_job_env_vars(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_env}
 
 
-def driver_resources(ray_cfg: RayConfig, base: dict[str, float]) -> dict[str, float]:
+def driver_resources(ray_cfg: RayConfig, base: dict[str, float],
+                     cluster: dict[str, float] | None = None) -> dict[str, float]:
     """`base` plus one unit of the cluster's driver resource (`ray.driver_resource`) when some node advertises it.
 
     cluster.yaml and the KubeRay manifest give the CPU head `{"trial_driver": 100}`, so Tune trial drivers and the
     merge task asking for it land on the head, never on a (spot) GPU node. A local Ray has no such resource and the
-    request stays as given. Call after `init_ray`.
+    request stays as given. Call after `init_ray`, or pass `cluster` (`ray.cluster_resources()`).
     """
-    import ray
+    if cluster is None:
+        import ray
 
+        cluster = ray.cluster_resources()
     name = ray_cfg.driver_resource
-    if not name or name in base or ray.cluster_resources().get(name, 0) < 1:
+    if not name or name in base or cluster.get(name, 0) < 1:
         return dict(base)
     return {**base, name: 1.0}
 

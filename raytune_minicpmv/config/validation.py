@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import fields
 
-from ..path_checks import checkpoint_problems, data_file_problems, packing_problems, storage_problems
+from ..path_checks import checkpoint_problems, packing_problems, storage_problems
 from .schema import Config, is_uri
 
 
@@ -58,9 +58,6 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
              f"data.eval_path: {d.eval_path} is a directory; give one .json, .jsonl or .parquet file")
         need(d.tokenizer_path is None or _exists(d.tokenizer_path),
              f"data.tokenizer_path: {d.tokenizer_path} does not exist")
-        if not d.preprocessed:
-            p += data_file_problems("data.train_path", d.train_path) + data_file_problems("data.eval_path",
-                                                                                          d.eval_path)
         p += storage_problems(cfg.run.storage_path)
     # model
     m = cfg.model
@@ -312,9 +309,8 @@ def _unavailable_family(cfg: Config) -> list[str]:
 def _family_problems(cfg: Config) -> list[str]:
     """Settings that only some model families support (imports the model registry only when one is set)."""
     m, p = cfg.model, []
-    wants_packing = bool(getattr(cfg.data, "packing", False))
     zero3 = cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.offload_param == "cpu"  # parameter offload is ZeRO-3
-    if m.downsample_mode == "16x" and not wants_packing and not zero3:  # nothing family-specific
+    if m.downsample_mode == "16x" and not zero3:  # nothing family-specific (packing: _batching_problems)
         return p
     from ..models.registry import FAMILIES
     from ..models.zero3 import zero3_refusal

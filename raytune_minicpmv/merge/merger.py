@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, MergeConfig
+from ..config import Config, MergeConfig, RayConfig
 from .adapter import Adapter, read_adapter, merged_tensor
 from ..models.registry import as_torch_dtype
 from .safetensors_stream import CheckpointReader, plan_shards, write_sharded
@@ -76,7 +76,7 @@ def run_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
 
     `cfg` (optional) only tells `init_ray` where Ray is; the standalone CLI has no run config, so a default one is used.
     """
-    from ..cluster.ray_session import driver_resources, init_ray
+    from ..cluster.ray_session import init_ray
 
     merge_cfg = merge_cfg or (cfg.merge if cfg else MergeConfig())
     cfg = cfg or Config()
@@ -87,21 +87,30 @@ def run_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
         log.info("merge: %s is already complete; nothing to do", out)
         return out
     ray = init_ray(cfg)
+    options = merge_task_options(base_dir, adapter_dir, merge_cfg, cfg.ray, ray.cluster_resources())
+    task = ray.remote(_merge_task).options(**options)
+    return Path(ray.get(task.remote(str(base_dir), str(adapter_dir), str(out), merge_cfg)))
+
+
+def merge_task_options(base_dir, adapter_dir, merge_cfg: MergeConfig, ray_cfg: RayConfig,
+                       cluster: dict[str, float]) -> dict:
+    """The merge task's Ray options, given the cluster's resources (`ray.cluster_resources()`): `merge.num_cpus`,
+    `merge.num_gpus`, the memory (`merge.memory_gb`, else the estimate capped at the cluster's Ray memory) and, for
+    a CPU-only merge, one unit of the driver resource when the cluster has it (the CPU head, not a GPU node)."""
+    from ..cluster.ray_session import driver_resources
+
     memory = int(merge_cfg.memory_gb * 2**30) if merge_cfg.memory_gb else estimate_memory_bytes(
         base_dir, adapter_dir, merge_cfg)
-    available = ray.cluster_resources().get("memory", 0)
+    available = cluster.get("memory", 0)
     if merge_cfg.memory_gb is None and available and memory > available:
         log.warning("merge: estimated %.1f GiB exceeds the cluster's %.1f GiB of Ray memory; declaring the latter "
                     "(set merge.memory_gb to override)", memory / 2**30, available / 2**30)
         memory = int(available)
-    resources = driver_resources(cfg.ray, {}) if merge_cfg.num_gpus == 0 else {}
-    task = ray.remote(_merge_task).options(
-        num_cpus=merge_cfg.num_cpus, num_gpus=merge_cfg.num_gpus, memory=memory, resources=resources or None,
-        max_retries=2,  # a lost node/worker is retried; the merge restarts cleanly from its temp dir
-        retry_exceptions=False,  # a bad adapter or a failed verification fails the same way every time
-    )
+    resources = driver_resources(ray_cfg, {}, cluster) if merge_cfg.num_gpus == 0 else {}
     log.info("merge: Ray task with %s CPU, %s GPU, %.2f GiB", merge_cfg.num_cpus, merge_cfg.num_gpus, memory / 2**30)
-    return Path(ray.get(task.remote(str(base_dir), str(adapter_dir), str(out), merge_cfg)))
+    return dict(num_cpus=merge_cfg.num_cpus, num_gpus=merge_cfg.num_gpus, memory=memory, resources=resources or None,
+                max_retries=2,  # a lost node/worker is retried; the merge restarts cleanly from its temp dir
+                retry_exceptions=False)  # a bad adapter or a failed verification fails the same way every time
 
 
 def _merge_task(base_dir: str, adapter_dir: str, out_dir: str, merge_cfg: MergeConfig) -> str:

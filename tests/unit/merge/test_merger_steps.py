@@ -152,6 +152,7 @@ def test_the_manifest_names_the_inputs_the_writer_and_every_file(tiny_checkpoint
     assert (manifest["base"], manifest["adapter"], manifest["dtype"]) == (str(base), str(adapter), "fp32")
     assert manifest["verification"] == {"skipped": True} and manifest["dequantized_base"] is False
     assert (manifest["host"], manifest["pid"]) == (socket.gethostname(), os.getpid())
+    assert type(manifest["seconds"]) is float and manifest["seconds"] == round(manifest["seconds"], 1) >= 0  # 0.1 s
     assert manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safetensors"}
     files = {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
@@ -169,3 +170,126 @@ def test_run_merge_of_a_finished_output_returns_it_without_starting_ray(tiny_che
     out = merge_adapter(base, adapter, tmp_path / "merged", cfg)
     assert run_merge(base, adapter, out, cfg) == out
     assert not ray.is_initialized()
+
+
+def test_the_ray_task_declares_the_estimate_within_the_clusters_memory(tiny_checkpoint, caplog):
+    """`run_merge`'s task options from `ray.cluster_resources()`: the estimate when the cluster has room for it, the
+    cluster's Ray memory when it has less (with a warning), the estimate when the cluster reports no memory."""
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", verify_samples=0, num_cpus=3, num_gpus=0)
+    estimate = estimate_memory_bytes(base, adapter, cfg)
+    roomy = merge_task_options(base, adapter, cfg, RayConfig(), {"CPU": 8.0, "memory": float(estimate + 1)})
+    assert roomy == {"num_cpus": 3, "num_gpus": 0, "memory": estimate, "resources": None, "max_retries": 2,
+                     "retry_exceptions": False}
+    assert merge_task_options(base, adapter, cfg, RayConfig(), {"CPU": 8.0})["memory"] == estimate
+    with caplog.at_level("WARNING", logger="raytune_minicpmv.merge.merger"):
+        small = merge_task_options(base, adapter, cfg, RayConfig(), {"memory": 300.0 * MIB + 0.5})
+    assert small["memory"] == 300 * MIB and type(small["memory"]) is int
+    assert "exceeds the cluster's 0.3 GiB of Ray memory; declaring the latter" in caplog.text
+
+
+def test_merge_memory_gb_is_declared_as_given_even_above_the_clusters_memory(tiny_checkpoint):
+    """merge.memory_gb overrides the estimate and the cap (the user knows better, e.g. an autoscaler adds nodes)."""
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", memory_gb=1.5, num_gpus=0.5)
+    options = merge_task_options(base, adapter, cfg, RayConfig(), {"memory": float(MIB)})
+    assert options["memory"] == 1536 * MIB and options["num_gpus"] == 0.5
+
+
+@pytest.mark.parametrize("num_gpus, driver_resource, cluster, want", [
+    (0, "trial_driver", {"trial_driver": 100.0}, {"trial_driver": 1.0}),  # the CPU head of cluster.yaml
+    (0, "trial_driver", {"trial_driver": 0.5}, None),  # less than one unit: nowhere to place the request
+    (0, "trial_driver", {}, None),  # a local Ray has no driver resource
+    (0, "", {"trial_driver": 100.0}, None),  # ray.driver_resource="" turns it off
+    (0, "merge_host", {"merge_host": 1.0, "trial_driver": 100.0}, {"merge_host": 1.0}),
+    (1, "trial_driver", {"trial_driver": 100.0}, None),  # a GPU merge must go to a GPU node, not the head
+])
+def test_a_cpu_merge_asks_for_the_driver_resource_when_the_cluster_has_it(tiny_checkpoint, num_gpus, driver_resource,
+                                                                          cluster, want):
+    from raytune_minicpmv.config import RayConfig
+    from raytune_minicpmv.merge.merger import merge_task_options
+
+    base, adapter = tiny_checkpoint
+    cfg = MergeConfig(dtype="fp32", memory_gb=1, num_gpus=num_gpus)
+    options = merge_task_options(base, adapter, cfg, RayConfig(driver_resource=driver_resource), cluster)
+    assert options["resources"] == want and options["num_gpus"] == num_gpus
+
+
+def test_the_ray_task_body_merges_and_returns_the_output_path_as_text(tiny_checkpoint, tmp_path):
+    """What the Ray worker runs (`run_merge` turns its string result back into a Path)."""
+    from raytune_minicpmv.merge.merger import _merge_task
+
+    base, adapter = tiny_checkpoint
+    out = tmp_path / "merged"
+    result = _merge_task(str(base), str(adapter), str(out), MergeConfig(dtype="bf16", verify_samples=0))
+    assert result == str(out) and type(result) is str
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("layout, packed_bytes, float_elements", [("nf4", 512 + 40 + 128, 16 * 16),
+                                                                   ("int8", 32 * 32 + 128, 32 + 16 * 16)])
+def test_a_quantized_base_declares_memory_for_its_dequantized_model(tiny_checkpoint, layout, packed_bytes,
+                                                                    float_elements):
+    """A bitsandbytes base (`.quant_state.` keys for 4-bit, `.SCB` for LLM.int8) is dequantized whole before the
+    merge: each packed (non-float) byte may hold two weights, each in the merge dtype; float tensors are counted in
+    that dtype. Here the int64 buffer `ids` (128 bytes) counts as packed too."""
+    base, adapter_dir = tiny_checkpoint
+    packed = {"nf4": {"a.weight": torch.zeros(512, 1, dtype=torch.uint8),
+                      "a.weight.quant_state.bitsandbytes__nf4": torch.zeros(40, dtype=torch.uint8)},
+              "int8": {"a.weight": torch.zeros(32, 32, dtype=torch.int8), "a.SCB": torch.zeros(32)}}[layout]
+    save_file({**packed, "ids": torch.zeros(16, dtype=torch.int64)}, base / "model-00001-of-00002.safetensors")
+    largest = CheckpointReader(base).largest_file_bytes
+    for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+        model = packed_bytes * 2 * itemsize + float_elements * itemsize
+        want = int(max(1.5 * (largest + 512), 1.3 * model + 512) + 512 * MIB)
+        assert estimate_memory_bytes(base, adapter_dir, MergeConfig(dtype=dtype, verify_samples=2)) == want
+
+
+def test_the_temp_dir_sits_next_to_the_output_whose_parents_may_not_exist_yet(tmp_path):
+    from raytune_minicpmv.merge.merger import fresh_temp_dir
+
+    out = tmp_path / "runs" / "r1" / "merged"  # nothing of it exists yet
+    tmp = fresh_temp_dir(out)
+    assert tmp == tmp_path / "runs" / "r1" / ".merged.merging" and tmp.is_dir()
+    (tmp / "model-00001-of-00002.safetensors").write_bytes(b"half")  # an interrupted merge's leftovers
+    assert fresh_temp_dir(out) == tmp and list(tmp.iterdir()) == []
+
+
+def test_a_quantized_base_is_merged_into_its_dequantized_copy_in_the_merge_dtype(tmp_path):
+    """plain_base: a bitsandbytes checkpoint becomes a plain copy next to the output (replacing an interrupted
+    merge's copy), its floats in merge.dtype and its config without `quantization_config`; a plain base is itself."""
+    pytest.importorskip("bitsandbytes")
+    from raytune_minicpmv.merge.merger import plain_base
+    from raytune_minicpmv.models import build_tiny, load_model
+
+    plain = Path(build_tiny("minicpmv2_6", tmp_path / "bf16"))
+    out = tmp_path / "merged"
+    assert plain_base(plain, out, MergeConfig(dtype="fp32")) == plain
+    nf4 = tmp_path / "nf4"
+    load_model(plain, dtype=torch.bfloat16, quantization="nf4").save_pretrained(str(nf4))
+    assert "quantization_config" in json.loads((nf4 / "config.json").read_text())
+    work = tmp_path / ".merged.dequantized-base"
+    work.mkdir()
+    (work / "stale.safetensors").write_bytes(b"x")
+    assert plain_base(nf4, out, MergeConfig(dtype="fp32")) == work
+    assert not (work / "stale.safetensors").exists()
+    config = json.loads((work / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "float32"
+    reader = CheckpointReader(work)
+    assert {e.dtype for e in reader.entries} == {torch.float32}
+    assert set(reader.keys()) == set(CheckpointReader(plain).keys())  # packed weights and their states are gone
+
+    # the whole merge into that base: it says so in the manifest and removes the copy once published
+    from peft import LoraConfig, get_peft_model
+
+    targets = r"llm\..*layers\.\d+\.self_attn\.(q_proj|v_proj)"
+    lora = get_peft_model(load_model(plain, dtype=torch.float32), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    merged = merge_adapter(nf4, tmp_path / "adapter", out, MergeConfig(dtype="fp32", verify_samples=0))
+    assert json.loads((merged / MANIFEST).read_text())["dequantized_base"] is True and not work.exists()
