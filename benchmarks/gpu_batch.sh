@@ -58,7 +58,7 @@ case "${1:-}" in
   attention)
     timeout 90 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -6
     timeout 480 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_attention_gpu.jsonl" \
-      --settings levers_on,levers_cudnn,levers_flash --budget-s 350 2>&1 | grep -v "Loading\|shards" | tail -8
+      --settings levers_varlen,levers_cudnn,levers_flash --budget-s 350 2>&1 | grep -v "Loading\|shards" | tail -8
     ;;
   targets)
     python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1

@@ -7,6 +7,8 @@ Train + DeepSpeed, the CLI in a subprocess, exactly the user's command) for a li
                                    # packing off/on in one 10-min call (≈ 150 s a setting after the workload);
                                    # benchmarks/packed_attention.py compares the backends without Ray in ~1 min
     python benchmarks/real_path.py --work /tmp/bench --settings levers_on,varlen_off,fused_ce_off,liger_off
+    python benchmarks/real_path.py --work /tmp/bench --settings levers_flash,levers_cudnn,levers_varlen
+                                            # the attention kernels: flash SDPA / cuDNN SDPA / varlen vision
     python benchmarks/real_path.py --work /tmp/bench --settings zero2_mb2,qlora_zero2_mb2,zero2_mb8,qlora_zero2_mb8
                                             # bf16 LoRA vs QLoRA (NF4) at the same engine and batch: memory, step time
 
@@ -102,10 +104,11 @@ SETTINGS.update({
     "varlen_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_varlen=false"], 15),
     "fused_ce_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.fused_ce=false"], 15),
     "liger_off": (_LEVER_ENGINE + _LEVERS_ON + ["model.liger=false"], 15),
-    # the attention kernels (model.vision_attention, model.sdpa_kernel): levers_on resolves both to auto
-    # (varlen vision, flash SDPA); these rows pin the others. levers_cudnn is levers_on as it ran before them.
+    # the attention kernels (model.vision_attention, model.sdpa_kernel; levers_on takes both as auto = grouped vision
+    # attention, flash SDPA), each pinned: levers_cudnn is levers_on as it ran before these switches existed
     "levers_cudnn": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=grouped", "model.sdpa_kernel=cudnn"], 15),
     "levers_flash": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=grouped", "model.sdpa_kernel=flash"], 15),
+    "levers_varlen": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=varlen", "model.sdpa_kernel=flash"], 15),
     # QLoRA (issue 14) at the levers_on engine and batch: the pair levers_on / qlora_levers_on is bf16 vs NF4
     "qlora_levers_on": (_LEVER_ENGINE + _LEVERS_ON + ["model.quantization=nf4"], 15),
 })
