@@ -3,7 +3,7 @@
 # command on one GPU machine (one H200 here). Run from the repo root with ray + deepspeed (and, for the levers and
 # QLoRA rows, liger_kernel + bitsandbytes) importable; logs and result lines go to $OUT (default ./gpu_out).
 #
-#   bash benchmarks/gpu_batch.sh tests     # build the 2.21 B workload model, tests/gpu (kernels, QLoRA), kernels.py
+#   bash benchmarks/gpu_batch.sh tests     # build the 2.21 B workload model, tests/gpu (kernels, QLoRA), kernel_levers.py
 #   bash benchmarks/gpu_batch.sh levers    # real path: every lever on, QLoRA (NF4) at the same engine, Liger off
 #   bash benchmarks/gpu_batch.sh v46       # MiniCPM-V 4.6 / 4.7 (4.6 dims) training steps, no Ray (needs transformers
 #                                          # >= 5.19 importable: carry its wheel instead of ray + deepspeed)
@@ -26,10 +26,10 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 
 case "${1:-}" in
   tests)
-    python3 benchmarks/kernels.py --build "$W/model" 2>&1 | tail -2
+    python3 benchmarks/kernel_levers.py --build "$W/model" 2>&1 | tail -2
     timeout 200 python3 -m pytest -m gpu tests/gpu/test_qlora_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_qlora_gpu.log" | tail -15
     timeout 150 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -15
-    timeout 200 python3 benchmarks/kernels.py --model "$W/model" --out "$OUT/kernels_gpu.jsonl" 2>&1 | grep -v Loading | tail -12
+    timeout 200 python3 benchmarks/kernel_levers.py --model "$W/model" --out "$OUT/kernels_gpu.jsonl" 2>&1 | grep -v Loading | tail -12
     ;;
   levers)
     timeout 580 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_levers_gpu.jsonl" \

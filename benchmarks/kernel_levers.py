@@ -1,8 +1,8 @@
 """The kernel levers alone (no Ray, no DeepSpeed): forward + backward of the issue-12 model on seed-shaped synthetic
 micro-batches, one row per lever, in one process on one GPU.
 
-    python benchmarks/kernels.py --model /tmp/bench/model [--micro-batch 8 --steps 8 --warmup 3] [--levers ...]
-    python benchmarks/kernels.py --build /tmp/bench/model      # build the 2.21 B workload model first (workload.py)
+    python benchmarks/kernel_levers.py --model /tmp/bench/model [--micro-batch 8 --steps 8 --warmup 3] [--levers ...]
+    python benchmarks/kernel_levers.py --build /tmp/bench/model      # build the 2.21 B workload model first (workload.py)
 
 A micro-batch: `--micro-batch` samples of `--seq` tokens, each with 7 crops of the real 2.6 slicing grids
 (≈ 1024 patches: 32×32, 37×28, 28×37, 39×26, 35×29, 26×39 plus a thumbnail-sized one), 64 query tokens per crop
