@@ -72,7 +72,8 @@ def measure(model_dir: str, lever: str, a) -> dict:
     dev = "cpu" if a.cpu else "cuda"
     sync = (lambda: None) if a.cpu else torch.cuda.synchronize
     model = load_model(model_dir, dtype=torch.float32 if a.cpu else torch.bfloat16)
-    switches = type("M", (), {"vision_varlen": varlen, "fused_ce": fused, "liger": liger})()
+    switches = type("M", (), {"vision_varlen": varlen, "fused_ce": fused, "liger": liger,
+                              "sdpa_kernel": a.sdpa_kernel, "vision_attention": "grouped"})()
     plan = configure_kernels(model, switches, use_gpu=not a.cpu)
     torch.manual_seed(0)
     model = apply_trainable_policy(model, TrainableConfig(vision="full", resampler="full", llm="lora"),
@@ -108,6 +109,8 @@ def measure(model_dir: str, lever: str, a) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/tmp/bench/model")
+    p.add_argument("--sdpa-kernel", default="auto", choices=["auto", "cudnn", "flash"],
+                   help="model.sdpa_kernel for every row (auto = flash on CUDA; the first table ran with cudnn)")
     p.add_argument("--build", default=None, help="build the workload model into this folder and exit")
     p.add_argument("--tokenizer", default=str(REPO / "tests" / "assets" / "minicpmv26_tokenizer"))
     p.add_argument("--llm-layers", type=int, default=None, help="--build: LLM layers (default: the workload's 28)")
