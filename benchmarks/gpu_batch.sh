@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_batch.sh launcher  # the same train loop under Ray Train and under torchrun
 #   bash benchmarks/gpu_batch.sh attention # tests/gpu kernels, then the real path with cuDNN / flash SDPA / varlen vision
 #   bash benchmarks/gpu_batch.sh targets   # issue 12 must-show rows: Ray vs torchrun (same loop), seed-like settings
-#   bash benchmarks/gpu_batch.sh profile   # where a step's time goes: `train --profile` of levers_on (real path),
+#   bash benchmarks/gpu_batch.sh profile   # where a step's time goes: `train --profile` of levers_cudnn (real path),
 #                                          # then train_step.py profiled under Ray Train and under torchrun
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
@@ -23,6 +23,20 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export RAY_USAGE_STATS_ENABLED=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/card.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/card.txt"
+
+# The same train loop (benchmarks/train_step.py, ZeRO-0 LoRA, micro-batch 4 x 1,024 tokens) under Ray Train, then
+# torchrun, at 12 CPU threads each: launcher_pair TIMEOUT_S ARGS... (each log also in $OUT/train_step_<launcher>.log)
+launcher_pair() {
+  local limit=$1; shift
+  python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
+  for l in ray torchrun; do
+    if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"
+    else run="python3 benchmarks/train_step.py ray"; fi
+    timeout "$limit" $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
+      --cpus-per-worker 12 "$@" 2>&1 | tee "$OUT/train_step_$l.log" \
+      | awk '/profile of/ {n = 46} n > 0 {print; n--; next} /RESULT|fit wall/ {print substr($0, 1, 300)}'
+  done
+}
 
 case "${1:-}" in
   tests)
@@ -48,12 +62,7 @@ case "${1:-}" in
       | grep -v "Loading\|shards" | tail -20
     ;;
   launcher)
-    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
-    for l in ray torchrun; do
-      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
-      timeout 240 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
-        --steps 15 --warmup 5 --cpus-per-worker 12 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | tail -3
-    done
+    launcher_pair 240 --steps 15 --warmup 5 --tag launcher --out "$OUT/train_step_launcher_gpu.jsonl"
     ;;
   attention)
     timeout 90 python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_kernels_gpu.log" | tail -6
@@ -61,25 +70,15 @@ case "${1:-}" in
       --settings levers_varlen,levers_cudnn,levers_flash --budget-s 350 2>&1 | grep -v "Loading\|shards" | tail -8
     ;;
   targets)
-    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
-    for l in ray torchrun; do
-      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
-      timeout 110 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
-        --steps 15 --warmup 5 --cpus-per-worker 12 --tag launcher2 --out "$OUT/train_step_launcher_gpu.jsonl" 2>&1 | grep "RESULT\|fit wall" | cut -c1-300
-    done
+    launcher_pair 110 --steps 15 --warmup 5 --tag launcher2 --out "$OUT/train_step_launcher_gpu.jsonl"
     timeout 390 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_targets_gpu.jsonl" \
       --settings seed_like --budget-s 250 2>&1 | grep -v "Loading\|shards" | tail -5
     ;;
   profile)
+    # levers_cudnn: the profile docs/PERFORMANCE.md "Attention kernels" reads (`--profile levers_on`: today's default)
     timeout 330 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_profile_gpu.jsonl" \
-      --settings "" --profile levers_on 2>&1 | grep -v "Loading\|shards" | tail -70
-    python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
-    for l in ray torchrun; do
-      if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"; else run="python3 benchmarks/train_step.py ray"; fi
-      timeout 120 $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
-        --steps 10 --warmup 3 --cpus-per-worker 12 --profile-steps 5 --tag profile --out "$OUT/train_step_profile_gpu.jsonl" \
-        2>&1 | tee "$OUT/train_step_profile_$l.log" | grep -A45 "profile of" | grep -v "Loading"
-    done
+      --settings "" --profile levers_cudnn 2>&1 | grep -v "Loading\|shards" | tail -70
+    launcher_pair 120 --steps 10 --warmup 3 --profile-steps 5 --tag profile --out "$OUT/train_step_profile_gpu.jsonl"
     ;;
   *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile"; exit 2 ;;
 esac
