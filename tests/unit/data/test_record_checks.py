@@ -155,7 +155,7 @@ def test_missing_image_files_are_named_by_tag_and_resolved_path(tmp_path):
     rec = {"id": "r", "image": {"<image_00>": "a.png", "<image_01>": "sub/../b.png"},
            "conversations": _conv("<image_00><image_01> q", "a")}
     assert _bad(tmp_path, rec, check_files=True) == (
-        "'r'", "image_missing", f"<image_01> -> {tmp_path / 'b.png'} does not exist")
+        "'r'", "image_missing", f"<image_01> -> {tmp_path}/sub/../b.png does not exist")  # as the OS reads it
     (tmp_path / "dir.png").mkdir()  # a directory is not an image file
     rec = {"id": "r", "image": "dir.png", "conversations": _conv("<image> q", "a")}
     assert _bad(tmp_path, rec, check_files=True) == (
@@ -169,11 +169,11 @@ def test_a_good_record_keeps_its_fields_and_orders_images_as_the_text_does(tmp_p
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "sub" / "b.png")
     conv = _conv("<image_01> then <image_00>?", "b, a", "and?", "done")
-    rec = {"id": 42, "image": {"<image_00>": str(tmp_path / "a.png"), "<image_01>": "./sub/x/../b.png"},
+    rec = {"id": 42, "image": {"<image_00>": str(tmp_path / "a.png"), "<image_01>": "./sub/b.png"},
            "conversations": conv, "system": "Be brief.", "extra": "ignored"}
     out = parse_record(_raw(tmp_path, rec))
     assert out.id == "42" and out.source == str(tmp_path / "train.jsonl") and out.system == "Be brief."
-    assert list(out.images.items()) == [("<image_01>", str(tmp_path / "sub" / "b.png")),
+    assert list(out.images.items()) == [("<image_01>", f"{tmp_path}/./sub/b.png"),
                                         ("<image_00>", str(tmp_path / "a.png"))]
     assert out.conversations == conv
     # no image, no tags: no images, and no system prompt unless the record has one
@@ -188,10 +188,34 @@ def test_a_single_image_path_is_resolved_against_the_data_file(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     raw = RawRecord(str(tmp_path / "data" / "train.json"), 0,
                     json.dumps({"id": "s", "image": "../a.png", "conversations": _conv("<image>\nq", "a")}))
-    assert parse_record(raw).images == {"<image>": str(tmp_path / "a.png")}
+    assert parse_record(raw).images == {"<image>": f"{tmp_path}/data/../a.png"}
     raw = RawRecord(os.path.relpath(tmp_path / "data" / "train.json"), 0,  # a relative data path works too
                     json.dumps({"id": "s", "image": "../a.png", "conversations": _conv("q", "a")}))
-    assert parse_record(raw).images == {"<image>": str(tmp_path / "a.png")}
+    assert parse_record(raw).images == {"<image>": f"{tmp_path}/data/../a.png"}
+
+
+def test_image_paths_through_a_symlinked_folder_mean_what_the_file_system_says(tmp_path):
+    # A data folder that is a link into a dataset (common on clusters): "../images/a.png" next to the real
+    # annotations is the dataset's image. Folding the ".." away by text (os.path.normpath) pointed it at a sibling
+    # of the link instead: a missing file, or silently another image of the same name.
+    (tmp_path / "dataset" / "annotations").mkdir(parents=True)
+    (tmp_path / "dataset" / "images").mkdir()
+    Image.new("RGB", (4, 4), (0, 200, 0)).save(tmp_path / "dataset" / "images" / "a.png")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "data").symlink_to(tmp_path / "dataset" / "annotations", target_is_directory=True)
+    (tmp_path / "project" / "images").mkdir()
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "project" / "images" / "a.png")  # the wrong one
+    source = tmp_path / "project" / "data" / "train.jsonl"
+    for image in ("../images/a.png", str(tmp_path / "project" / "data" / ".." / "images" / "a.png")):
+        raw = RawRecord(str(source), 0, json.dumps({"id": "s", "image": image, "conversations": _conv("<image>q", "a")}))
+        (path,) = parse_record(raw).images.values()
+        assert os.path.samefile(path, tmp_path / "dataset" / "images" / "a.png"), (image, path)
+        with Image.open(path) as im:
+            assert im.getpixel((0, 0)) == (0, 200, 0)
+    (tmp_path / "dataset" / "images" / "a.png").unlink()
+    raw = RawRecord(str(source), 0, json.dumps({"id": "s", "image": "../images/a.png", "conversations": _conv("q", "a")}))
+    assert _bad(tmp_path / "project" / "data", json.loads(raw.text), check_files=True) == (
+        "'s'", "image_missing", f"<image> -> {tmp_path / 'project' / 'data' / '..' / 'images' / 'a.png'} does not exist")
 
 
 def test_a_bad_record_survives_pickling_with_its_fields(tmp_path):
