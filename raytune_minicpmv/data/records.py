@@ -329,7 +329,9 @@ def _check_images(image, conv: list[dict], source: str, bad, check_files: bool) 
         raise bad("bad_schema", "'image' must be a path string, {\"<image>\": path} or a non-empty "
                                 "{\"<image_NN>\": path} dict")
     base = os.path.dirname(os.path.abspath(source))
-    resolved = {tag: p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for tag, p in ordered.items()}
+    # joined, not normalised: "../" after a linked folder means the link target's parent to the file system, and
+    # os.path.normpath would fold it away by text (another file, or none). join keeps an absolute path as it is.
+    resolved = {tag: os.path.join(base, p) for tag, p in ordered.items()}
     if check_files:
         for tag, p in resolved.items():
             if not os.path.isfile(p):
