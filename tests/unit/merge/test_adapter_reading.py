@@ -264,3 +264,50 @@ def test_inits_that_change_the_base_weights_are_refused(tmp_path, init):
 def test_inits_that_leave_the_base_alone_are_accepted(tmp_path, init):
     adapter = read_adapter(write_adapter(tmp_path, lora(), cfg(init_lora_weights=init)), BASE)
     assert set(adapter.lora) == {f"{Q}.weight"}
+
+
+def test_every_target_is_checked_after_one_fails(tmp_path):
+    """One problem per target, whatever comes first; the good target still gets its scaling."""
+    mods = {m: f"llm.layers.0.{m}" for m in ("a_proj", "b_proj", "c_proj", "d_proj", "e_proj")}
+    tensors = {**{k: v for k, v in lora(mods["a_proj"]).items() if "lora_B" not in k},
+               **lora(mods["b_proj"]), f"{P}{mods['b_proj']}.lora_A.weight": torch.ones(8),
+               **lora(mods["c_proj"], r=3), **lora(mods["d_proj"]), **lora(mods["e_proj"])}
+    config = cfg(rank_pattern={"d_proj": 2}, alpha_pattern={"d_proj": None, "e_proj": 2})
+    write_adapter(tmp_path, tensors, config)
+    base = BASE | {f"{m}.weight" for m in mods.values()}
+    with pytest.raises(ValueError) as err:
+        read_adapter(tmp_path, base)
+    problems = [line[2:] for line in str(err.value).split("\n")[1:]]
+    assert problems == [
+        f"{mods['a_proj']}.weight: LoRA B matrix missing",
+        f"{mods['b_proj']}.weight: lora_A has shape (8,); a 1-D or empty factor means it was saved from ZeRO-3 shards "
+        "without gathering them (re-save under deepspeed.zero.GatheredParameters)",
+        f"{mods['c_proj']}.weight: lora_A has rank 3 but adapter_config.json says r=2 (rank_pattern mismatch)",
+        f"{mods['d_proj']}.weight: adapter_config.json gives no r / lora_alpha",
+    ]
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a hostile .bin / side file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.mark.parametrize("file", ["adapter_model.bin", OLD_SIDE_FILE])
+def test_pickled_files_are_loaded_weights_only_even_if_the_environment_relaxes_it(tmp_path, monkeypatch, file):
+    """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only where the caller leaves `weights_only` unset."""
+    import pickle
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    folder = write_adapter(tmp_path / "a", lora() if file == OLD_SIDE_FILE else {}, cfg())
+    marker = tmp_path / "code_ran"
+    torch.save({"llm.norm.weight": _Payload(marker)}, folder / file)
+    with pytest.raises(pickle.UnpicklingError):
+        read_adapter(folder, BASE)
+    assert not marker.exists()
