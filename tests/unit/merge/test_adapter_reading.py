@@ -311,3 +311,29 @@ def test_pickled_files_are_loaded_weights_only_even_if_the_environment_relaxes_i
     with pytest.raises(pickle.UnpicklingError):
         read_adapter(folder, BASE)
     assert not marker.exists()
+
+
+def _save_as_if_on_cuda(obj, path):
+    """torch.save, then the storages' location tag rewritten to cuda:0: the file a GPU training run writes."""
+    import zipfile
+
+    torch.save(obj, path)
+    entries = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            entries[info.filename] = z.read(info.filename)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            if name.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            z.writestr(name, data)
+
+
+def test_pickled_files_saved_from_gpu_tensors_load_on_the_cpu(tmp_path):
+    folder = write_adapter(tmp_path, {}, cfg())
+    _save_as_if_on_cuda(lora(), folder / "adapter_model.bin")
+    _save_as_if_on_cuda({"llm.norm.weight": torch.full((4,), 3.0)}, folder / OLD_SIDE_FILE)
+    adapter = read_adapter(folder, BASE)
+    a, norm = adapter.tensors.get(adapter.lora[f"{Q}.weight"].a_key), adapter.tensors.get("side:llm.norm.weight")
+    assert a.device.type == norm.device.type == "cpu" and torch.equal(norm, torch.full((4,), 3.0))
