@@ -78,7 +78,7 @@ def plan_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
         raise ValueError("model.liger=true: needs CUDA GPUs and the `liger-kernel` package (pip install "
                          "'raytune-minicpmv[gpu]', or the liger_kernel wheel) on every worker, and a native model; "
                          "use auto or false")
-    half = model_dtype(model) in (torch.float16, torch.bfloat16)
+    half = _model_dtype(model) in (torch.float16, torch.bfloat16)
     can_varlen = varlen and cuda and half and _varlen_attn_available() and not _vision_dropout(model)
     attention = getattr(model_cfg, "vision_attention", "auto")
     if attention == "varlen" and not can_varlen:
@@ -94,7 +94,7 @@ def plan_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
                       attention if varlen else "grouped", sdpa)
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
+def _model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (its compute dtype), float32 if none."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 

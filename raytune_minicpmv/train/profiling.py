@@ -13,8 +13,8 @@ Perfetto trace `<run dir>/profile/trace_rank<R>.json` (open it in https://ui.per
   steps). A high idle % with a short kernel time means the host (Python, launches, ZeRO bookkeeping, data wait,
   synchronisations) bounds the step, not the GPU.
 * the step's phases (`phase(...)` ranges of `worker.train_step`: data, counts, to_device, forward, backward,
-  optimizer): host ms per step in each, and the GPU ms of the kernels launched from it. A phase whose host time is
-  far above its GPU time is where the host bounds the step;
+  optimizer): host ms per step in each and, on CUDA, the phase's span on the GPU timeline (its first to its last
+  kernel). A phase whose host time is far above its GPU span is where the host bounds the step;
 * the host synchronisations (each one drains the GPU's queue) by the first Python frame outside torch that
   caused them, per step (the trace records Python stacks for this);
 * the top host operators by self time (kernel launches, synchronisations, copies), with their counts per step.
@@ -70,13 +70,14 @@ def attach_profiler(engine, cfg: Config, rank: int) -> Optional[object]:
         out = inner(*args, **kwargs)
         if state["steps"] <= WARMUP_STEPS + n:  # past the window: the profiler is stopped, no per-step cost
             state["steps"] += 1
+            closes = state["steps"] == WARMUP_STEPS + n
             # Synchronize only before the step that closes the window (its kernels must have run when the trace is
             # collected): a sync at every step would book the GPU's queue drain as `optimizer` host time (the
             # step's own Timer syncs at its end anyway).
-            if state["steps"] == WARMUP_STEPS + n and torch.cuda.is_available():
+            if closes and torch.cuda.is_available():
                 torch.cuda.synchronize()
             prof.step()
-            if state["steps"] == WARMUP_STEPS + n:
+            if closes:
                 prof.stop()
         return out
 
