@@ -167,6 +167,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     import deepspeed
     import torch.distributed as dist
 
+    from .ds_fixes import apply_ds_fixes
     from .engine_plan import local_capacity_bytes, plan_engine
     from ..models import apply_trainable_policy, enable_gradient_checkpointing, format_parameter_table, load_model_for
     from ..models.registry import as_torch_dtype
@@ -217,10 +218,16 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     _cast_new_trainables(model, dtype)
     enable_gradient_checkpointing(model, mode=cfg.model.gradient_checkpointing)  # non-reentrant
     if cfg.deepspeed.zero_stage == 3:  # 4.x: the per-crop connector gathered once per forward (models/zero3.py)
+        from ..models.registry import FAMILIES
         from ..models.zero3 import prepare_for_zero3
 
-        prepare_for_zero3(model)
+        layers = cfg.deepspeed.zero3_leaf_layers and not FAMILIES[cfg.model.family].hf_native
+        leaves = prepare_for_zero3(model, layer_leaves=layers)
+        if layers:
+            say(f"ZeRO-3: {len(leaves)} layers gathered whole (deepspeed.zero3_leaf_layers)")
     optimizer = build_optimizer(model, cfg)
+    fixes = apply_ds_fixes()  # DeepSpeed's per-tensor host syncs (train/ds_fixes.py)
+    say(f"DeepSpeed fixes: {', '.join(fixes) or 'off'}")
     say(f"DeepSpeed initialize (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype}) ...")
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(
