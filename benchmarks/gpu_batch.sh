@@ -13,6 +13,11 @@
 #   bash benchmarks/gpu_batch.sh targets   # issue 12 must-show rows: Ray vs torchrun (same loop), seed-like settings
 #   bash benchmarks/gpu_batch.sh profile   # where a step's time goes: `train --profile` of levers_cudnn (real path),
 #                                          # then train_step.py profiled under Ray Train and under torchrun
+#   bash benchmarks/gpu_batch.sh syncs     # profile of levers_flash; DeepSpeed's per-tensor syncs fixed vs not; ZeRO-3
+#                                          # with every parameter persistent
+#   bash benchmarks/gpu_batch.sh fixes     # benchmarks/optimizer_step.py (every ZeRO stage, ds_fixes off/on), then the
+#                                          # recommended recipe, ds_fixes off, ZeRO-3 seed-like persistent / default
+#   bash benchmarks/gpu_batch.sh leaves    # Ray vs torchrun (same loop), then the seed-like settings
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -80,5 +85,28 @@ case "${1:-}" in
       --settings "" --profile levers_cudnn 2>&1 | grep -v "Loading\|shards" | tail -70
     launcher_pair 120 --steps 10 --warmup 3 --profile-steps 5 --tag profile --out "$OUT/train_step_profile_gpu.jsonl"
     ;;
-  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile"; exit 2 ;;
+  syncs)
+    # train/ds_fixes.py: the profile of levers_flash (host syncs by caller), the fix's A/B, ZeRO-3 all persistent
+    timeout 585 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_syncs_gpu.jsonl" \
+      --settings levers_flash_ds_unfixed,levers_flash,seed_like_persist --profile levers_flash --budget-s 430 \
+      --deadline-s 575 2>&1 | grep -v "Loading\|shards" | tail -90
+    ;;
+  fixes)
+    # DeepSpeed's optimizer paths alone (no model, no Ray; beside the workload build, which barely uses the GPU),
+    # then the real path: the recommended recipe, the same with train/ds_fixes.py off, ZeRO-3 all persistent
+    (timeout 240 python3 benchmarks/optimizer_step.py --profile-stage 3 --out "$OUT/optimizer_step_gpu.jsonl" \
+      > "$OUT/optimizer_step.log" 2>&1 &)
+    timeout 590 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_fixes_gpu.jsonl" \
+      --settings recommended,levers_flash_ds_unfixed,seed_like_persist,seed_like --budget-s 400 --deadline-s 578 \
+      2>&1 | grep -v "Loading\|shards" | tail -12
+    grep "ZeRO-" "$OUT/optimizer_step.log"
+    ;;
+  leaves)
+    # Ray vs torchrun with train/ds_fixes.py; the seed-like settings (ran in the `leaves` call with
+    # deepspeed.zero3_leaf_layers on by default, a row now void: docs/PERFORMANCE.md "DeepSpeed's per-tensor work")
+    launcher_pair 100 --steps 12 --warmup 4 --tag launcher3 --out "$OUT/train_step_launcher_gpu.jsonl"
+    timeout 480 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_leaves_gpu.jsonl" \
+      --settings seed_like --budget-s 300 --deadline-s 470 2>&1 | grep -v "Loading\|shards" | tail -6
+    ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves"; exit 2 ;;
 esac

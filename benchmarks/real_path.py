@@ -111,7 +111,15 @@ SETTINGS.update({
     "levers_varlen": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=varlen", "model.sdpa_kernel=flash"], 15),
     # QLoRA (issue 14) at the levers_on engine and batch: the pair levers_on / qlora_levers_on is bf16 vs NF4
     "qlora_levers_on": (_LEVER_ENGINE + _LEVERS_ON + ["model.quantization=nf4"], 15),
+    # train/ds_fixes.py off (SETTING_ENV): DeepSpeed's own per-tensor overflow check, a host sync per gradient
+    "levers_flash_ds_unfixed": (_LEVER_ENGINE + _LEVERS_ON + ["model.vision_attention=grouped",
+                                                             "model.sdpa_kernel=flash"], 15),
+    # the seed-like settings with every parameter persistent under ZeRO-3 (gathered once, never released)
+    "seed_like_persist": (SETTINGS["seed_like"][0] + ["deepspeed.param_persistence_threshold=1e10"], 30),
+
 })
+# extra environment of a setting's `train` command
+SETTING_ENV = {"levers_flash_ds_unfixed": {"RAYTUNE_MINICPMV_DS_FIXES": "0"}}
 
 
 def base_config(work: Path, use_gpu: bool, family: str = "minicpmv2_6") -> dict:
@@ -274,8 +282,8 @@ def main(argv=None) -> None:
         if rc:
             sys.exit(rc)
     runs = [(n, *SETTINGS[n]) for n in a.settings.split(",") if n]
-    if a.profile:
-        runs.append((f"{a.profile}+profile", SETTINGS[a.profile][0] + ["train.profile_steps=5"], 10))
+    if a.profile:  # first: with --budget-s the diagnosis is what a short call must not lose
+        runs.insert(0, (f"{a.profile}+profile", SETTINGS[a.profile][0] + ["train.profile_steps=5"], 10))
     rows = []
     for name, overrides, steps in runs:
         if a.cpu:
@@ -287,7 +295,7 @@ def main(argv=None) -> None:
         args = ["train", "--config", str(cfg_path), f"run.name={run}", "data.preprocessed=true",
                 f"train.max_steps={steps}", *overrides] + (["train.logging_steps=2"] if a.cpu else [])
         left = min(560.0, a.deadline_s - (time.monotonic() - t_start))
-        rc, lines, wall = cli(args, env, logs / f"{name.replace('+', '_')}.log", left)
+        rc, lines, wall = cli(args, {**env, **SETTING_ENV.get(name.split("+")[0], {})}, logs / f"{name.replace('+', '_')}.log", left)
         # a failure after the measured window (final eval / save) still leaves its numbers: keep both
         row = measure(name, lines, wall, read_metrics(work, run), steps, 2 if a.cpu else a.skip)
         if rc != 0:
