@@ -17,7 +17,7 @@
 #                                          # with every parameter persistent
 #   bash benchmarks/gpu_batch.sh fixes     # benchmarks/optimizer_step.py (every ZeRO stage, ds_fixes off/on), then the
 #                                          # recommended recipe, ds_fixes off, ZeRO-3 seed-like persistent / default
-#   bash benchmarks/gpu_batch.sh leaves    # Ray vs torchrun (same loop), then the seed-like settings
+#   bash benchmarks/gpu_batch.sh leaves    # Ray vs torchrun (same loop), seed-like with / without ZeRO-3 leaf layers
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -102,11 +102,12 @@ case "${1:-}" in
     grep "ZeRO-" "$OUT/optimizer_step.log"
     ;;
   leaves)
-    # Ray vs torchrun with train/ds_fixes.py; the seed-like settings (ran in the `leaves` call with
-    # deepspeed.zero3_leaf_layers on by default, a row now void: docs/PERFORMANCE.md "DeepSpeed's per-tensor work")
+    # Ray vs torchrun with train/ds_fixes.py; the seed-like settings with ZeRO-3 gathering whole decoder layers
+    # (deepspeed.zero3_leaf_layers, default) and per module (the `leaves` call's leaf row is void: the vision layers
+    # were leaves then, docs/PERFORMANCE.md "DeepSpeed's per-tensor work")
     launcher_pair 100 --steps 12 --warmup 4 --tag launcher3 --out "$OUT/train_step_launcher_gpu.jsonl"
     timeout 480 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_leaves_gpu.jsonl" \
-      --settings seed_like --budget-s 300 --deadline-s 470 2>&1 | grep -v "Loading\|shards" | tail -6
+      --settings seed_like,seed_like_per_module --budget-s 300 --deadline-s 470 2>&1 | grep -v "Loading\|shards" | tail -6
     ;;
   *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves"; exit 2 ;;
 esac

@@ -116,6 +116,8 @@ SETTINGS.update({
                                                              "model.sdpa_kernel=flash"], 15),
     # the seed-like settings with every parameter persistent under ZeRO-3 (gathered once, never released)
     "seed_like_persist": (SETTINGS["seed_like"][0] + ["deepspeed.param_persistence_threshold=1e10"], 30),
+    # the seed-like settings with DeepSpeed's per-module gathering (seed_like gathers whole decoder layers)
+    "seed_like_per_module": (SETTINGS["seed_like"][0] + ["deepspeed.zero3_leaf_layers=false"], 20),
 
 })
 # extra environment of a setting's `train` command

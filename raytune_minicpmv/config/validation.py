@@ -128,10 +128,6 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(tr.profile_steps >= 0, "train.profile_steps: must be >= 0 (0: no profile)")
     need(not (m.dtype == "fp16" and not cfg.scaling.use_gpu), "model.dtype: fp16 needs GPUs; use bf16 or fp32 on CPU")
     need(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold: must be >= 0")
-    need(not (ds.zero3_leaf_layers and "full" in (cfg.trainable.llm, cfg.trainable.vision)),
-         "deepspeed.zero3_leaf_layers: only for layers without fully trained weights (trainable.llm and "
-         "trainable.vision frozen or lora): with full layers their gradients escaped ZeRO-3's reduction in "
-         "tests/integration/test_engine_stages.py; set it false")
     need(ds.reduce_bucket_size > 0, "deepspeed.reduce_bucket_size: must be > 0")
     need(4 <= ds.fp16_initial_scale_power <= 32, "deepspeed.fp16_initial_scale_power: must be in [4, 32]")
     need(tr.eval_max_batches is None or tr.eval_max_batches >= 1, "train.eval_max_batches: must be >= 1 or unset")

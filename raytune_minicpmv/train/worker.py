@@ -224,7 +224,7 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
         layers = cfg.deepspeed.zero3_leaf_layers and not FAMILIES[cfg.model.family].hf_native
         leaves = prepare_for_zero3(model, layer_leaves=layers)
         if layers:
-            say(f"ZeRO-3: {len(leaves)} layers gathered whole (deepspeed.zero3_leaf_layers)")
+            say(f"ZeRO-3: {len(leaves)} layers gathered whole (deepspeed.zero3_leaf_layers)")  # decoder layers
     optimizer = build_optimizer(model, cfg)
     fixes = apply_ds_fixes()  # DeepSpeed's per-tensor host syncs (train/ds_fixes.py)
     say(f"DeepSpeed fixes: {', '.join(fixes) or 'off'}")

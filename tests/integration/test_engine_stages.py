@@ -115,12 +115,17 @@ def test_profile_writes_a_trace_and_prints_the_summary(setup, capsys, tmp_path):
 
 
 def test_zero3_with_and_without_leaf_layers_applies_the_zero2_update(setup, capsys):
-    """deepspeed.zero3_leaf_layers (each decoder / vision layer gathered whole) changes how ZeRO-3 gathers, never
-    what it computes: with activation checkpointing and LoRA inside the decoder layers, both variants apply ZeRO-2's
-    update. (With trainable.vision=full the vision layers' gradients stayed outside ZeRO-3's reduction: DeepSpeed's
-    zero_grad then failed on them; validation refuses that combination.)"""
+    """deepspeed.zero3_leaf_layers (each LLM decoder layer gathered whole) changes how ZeRO-3 gathers, never what it
+    computes: with activation checkpointing, LoRA or fully trained decoder layers and a fully trained vision tower,
+    both variants apply ZeRO-2's update. (The vision layers are no leaves: the packed vision path calls their
+    submodules itself, so a leaf layer's hooks never fired and its gradients stayed unreduced, which this test found
+    with vision=full.)"""
     ckpt, batches = setup
-    ckpt_on = ("model.gradient_checkpointing=true",)  # the vision tower frozen: leaves refuse fully trained layers
+    for trained in (("trainable.vision=full",), ("trainable.llm=full", "trainable.vision=full")):
+        _leaves_vs_zero2(ckpt, batches, capsys, ("model.gradient_checkpointing=true", *trained))
+
+
+def _leaves_vs_zero2(ckpt, batches, capsys, ckpt_on):
     ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", *ckpt_on)
     for leaves in ("true", "false"):
         losses, trained, engine = run_steps(ckpt, batches, "deepspeed.zero_stage=3", *ckpt_on,
