@@ -29,10 +29,22 @@ def setup(tmp_path_factory):
     data = write_sample_dataset(root / "d")
     batches = [preprocess_for_check(ckpt, data, index=i) for i in (0, 3)]
     yield ckpt, batches
+    _forget_zero3()
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _forget_zero3():
+    """A ZeRO-3 build_engine keeps transformers' HfDeepSpeedConfig alive (train/worker.py, right for a worker
+    process): in this shared pytest process every later from_pretrained would build partitioned under zero.Init."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from raytune_minicpmv.train import worker
+
+    worker._HF_DS_CONFIG = None
+    unset_hf_deepspeed_config()
 
 
 def run_steps(ckpt, batches, *overrides, steps=2):
@@ -121,8 +133,11 @@ def test_zero3_with_and_without_leaf_layers_applies_the_zero2_update(setup, caps
     submodules itself, so a leaf layer's hooks never fired and its gradients stayed unreduced, which this test found
     with vision=full.)"""
     ckpt, batches = setup
-    for trained in (("trainable.vision=full",), ("trainable.llm=full", "trainable.vision=full")):
-        _leaves_vs_zero2(ckpt, batches, capsys, ("model.gradient_checkpointing=true", *trained))
+    try:
+        for trained in (("trainable.vision=full",), ("trainable.llm=full", "trainable.vision=full")):
+            _leaves_vs_zero2(ckpt, batches, capsys, ("model.gradient_checkpointing=true", *trained))
+    finally:
+        _forget_zero3()
 
 
 def _leaves_vs_zero2(ckpt, batches, capsys, ckpt_on):
