@@ -74,8 +74,10 @@ def test_deepspeeds_own_check_reads_once_per_tensor(bool_calls, monkeypatch):
     """The control: what the fix removes is there in the installed DeepSpeed (if this fails, the fix may go)."""
     from deepspeed.runtime.utils import CheckOverflow
 
-    assert CheckOverflow.has_overflow_serial is not ds_fixes._has_overflow_serial or pytest.skip("fixed already")
-    assert CheckOverflow(param_groups=None).has_overflow_serial(_params(n=40)) is False
+    own = CheckOverflow.has_overflow_serial
+    if own is ds_fixes._has_overflow_serial:  # an earlier build_engine in this process applied the fix: the original
+        own = ds_fixes._DEEPSPEED_OVERFLOW_SERIAL
+    assert own(CheckOverflow(param_groups=None), _params(n=40)) is False
     assert len(bool_calls) == 40
 
 
