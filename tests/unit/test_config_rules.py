@@ -278,4 +278,3 @@ def test_downsample_mode_4x_is_a_4x_family_setting():
     # past the early return for 4x, the ZeRO-3 rule still applies only to ZeRO-3
     assert problems(model={"family": "minicpmv4_6", "downsample_mode": "4x"}, trainable=FROZEN_LLM,
                     deepspeed={"zero_stage": 2}) == []
-
