@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.ray_teardown import shutdown_ray
+
 
 @pytest.fixture(scope="module")
 def ray_session():
@@ -12,4 +14,4 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
-    ray.shutdown()
+    shutdown_ray()

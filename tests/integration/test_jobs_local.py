@@ -9,6 +9,7 @@ from pathlib import Path
 
 from raytune_minicpmv import cluster
 from raytune_minicpmv.config import load_config
+from tests.ray_teardown import shutdown_ray
 
 
 def test_driver_resources_only_when_the_cluster_has_them(tmp_path):
@@ -24,7 +25,7 @@ def test_driver_resources_only_when_the_cluster_has_them(tmp_path):
         cluster.check_storage(cfg.run)  # one node: nothing to compare, passes without writing a marker
         assert not list(Path(cfg.run.storage_path).glob(".storage_check/*"))
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard():
@@ -50,4 +51,4 @@ def test_a_local_ray_pins_state_api_clients_to_its_own_dashboard():
         assert nodes == 1
         assert os.environ.get("RAY_API_SERVER_ADDRESS") == before, "the driver's own environment is left alone"
     finally:
-        ray.shutdown()
+        shutdown_ray()

@@ -25,6 +25,7 @@ from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_mod
 from raytune_minicpmv.data.pipeline import preprocess_for_check
 from raytune_minicpmv.data.sample_data import write_sample_dataset
 from raytune_minicpmv.merge.safetensors_stream import CheckpointReader
+from tests.ray_teardown import shutdown_ray
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 CPU cores, most of it loading models and starting Ray
 
@@ -82,7 +83,7 @@ def local_ray():
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 def test_run_merge_as_a_ray_task_then_noop(tiny, tmp_path, local_ray):

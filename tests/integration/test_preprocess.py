@@ -14,6 +14,7 @@ from raytune_minicpmv.data.rows import preprocess_records
 from raytune_minicpmv.data.sample_data import write_sample_dataset
 from raytune_minicpmv.data.templates import ModelSpec, TokenizerInfo
 from raytune_minicpmv.models.tiny_tokenizer import build_tiny_tokenizer
+from tests.ray_teardown import shutdown_ray
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from tests.ray_teardown import shutdown_ray
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def tune_run(tmp_path_factory):
     yield cfg, summary
     import ray
 
-    ray.shutdown()
+    shutdown_ray()
 
 
 def test_asha_stops_a_trial_and_the_best_is_the_lowest_best_eval_loss(tune_run):

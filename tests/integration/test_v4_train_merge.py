@@ -2,6 +2,7 @@
 2 workers DeepSpeed ZeRO-3 LoRA (the loss falls) → Ray Tune, 2 trials under ASHA → the best trial merged (a Ray
 task) → a fresh interpreter loads the merged folder with plain `AutoModelForImageTextToText.from_pretrained` (no
 import of this package) and gives the adapter-on-base logits.
+from tests.ray_teardown import shutdown_ray
 
 Tiny random checkpoints (build_tiny, tiny 4.x tokenizer); the processor's scale_resolution is lowered to 112 in the
 checkpoint's processor_config.json (64 patches per crop) so a CPU step takes about a second.
@@ -122,7 +123,7 @@ def _train_tune_merge_reload(paths, family, tmp_path, steps: int, micro: int):
     # A fresh local Ray for it, as the CLI's separate `train` and `tune` commands get (run_tune starts one).
     import ray
 
-    ray.shutdown()
+    shutdown_ray()
     cfg = config(paths, f"{family}_tune", "train.max_steps=2", f"train.micro_batch_size={micro}",
                  "optim.warmup_steps=0", "train.eval_steps=1", "train.logging_steps=1", "train.eval_max_batches=1",
                  "tune.search.lr=[3e-3, 1e-7]", "tune.search.lr_sampler=grid", "tune.num_samples=1",

@@ -13,6 +13,7 @@ import pytest
 
 from raytune_minicpmv.cli import main
 from raytune_minicpmv.config import ConfigError, load_config
+from tests.ray_teardown import shutdown_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "tests" / "assets" / "minicpmv26_tokenizer"
@@ -168,7 +169,7 @@ def test_an_empty_train_split_is_a_message_not_a_traceback(tmp_path, capsys):
     try:
         rc = main(["preprocess", "--config", str(cfg)])
     finally:
-        ray.shutdown()  # the split is found empty after the local Ray started
+        shutdown_ray()  # the split is found empty after the local Ray started
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "data.train_path" in err and "the train split has no usable record" in err and "Traceback" not in err
