@@ -2,7 +2,6 @@
 2 workers DeepSpeed ZeRO-3 LoRA (the loss falls) → Ray Tune, 2 trials under ASHA → the best trial merged (a Ray
 task) → a fresh interpreter loads the merged folder with plain `AutoModelForImageTextToText.from_pretrained` (no
 import of this package) and gives the adapter-on-base logits.
-from tests.ray_teardown import shutdown_ray
 
 Tiny random checkpoints (build_tiny, tiny 4.x tokenizer); the processor's scale_resolution is lowered to 112 in the
 checkpoint's processor_config.json (64 patches per crop) so a CPU step takes about a second.
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from raytune_minicpmv.config import load_config
+from tests.ray_teardown import shutdown_ray
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
