@@ -10,6 +10,7 @@ wait for those threads, then shut down.
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 
@@ -32,8 +33,6 @@ def shutdown_ray(timeout_s: float = 60.0) -> None:
     while (alive := ray_data_threads()) and time.monotonic() < deadline:
         alive[0].join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
     if alive:
-        import sys
-
         print(f"shutdown_ray: Ray Data threads still running after {timeout_s:.0f} s: "
               f"{[t.name for t in alive]}", file=sys.stderr, flush=True)
     ray.shutdown()

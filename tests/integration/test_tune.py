@@ -28,8 +28,6 @@ def tune_run(tmp_path_factory):
         "tune.reduction_factor=2", "merge.dtype=fp32", "merge.verify_atol=1e-4"])
     summary = run_tune(cfg)
     yield cfg, summary
-    import ray
-
     shutdown_ray()
 
 

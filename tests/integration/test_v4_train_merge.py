@@ -121,8 +121,6 @@ def _train_tune_merge_reload(paths, family, tmp_path, steps: int, micro: int):
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
     # Tune: two 2-step trials (ZeRO-3 each), the good lr first so ASHA's rung has a leader; the best is merged.
     # A fresh local Ray for it, as the CLI's separate `train` and `tune` commands get (run_tune starts one).
-    import ray
-
     shutdown_ray()
     cfg = config(paths, f"{family}_tune", "train.max_steps=2", f"train.micro_batch_size={micro}",
                  "optim.warmup_steps=0", "train.eval_steps=1", "train.logging_steps=1", "train.eval_max_batches=1",

@@ -163,8 +163,6 @@ def test_override_paths_resolve_against_the_cwd_and_file_paths_against_the_file(
 
 def test_an_empty_train_split_is_a_message_not_a_traceback(tmp_path, capsys):
     """EmptySplitError (a SplitError, not a SkipCapError) is the user's to fix: printed as its message."""
-    import ray
-
     cfg = _config(tmp_path)  # train.json is `[]`
     try:
         rc = main(["preprocess", "--config", str(cfg)])
