@@ -191,9 +191,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: float = 5e8
     # train: ZeRO-3 keeps params smaller than this (numel) unpartitioned on every rank (less all-gather traffic)
     param_persistence_threshold: float = 1e5
-    # train, ZeRO-3, 2.x families: gather each LLM decoder layer's parameters as one unit (DeepSpeed leaf modules)
-    # instead of each linear, norm and LoRA matrix on its own: 15x fewer ZeRO-3 hook calls in a LoRA decoder layer
-    # (models/zero3.py); false: DeepSpeed's per-module gathering
+    # train, ZeRO-3, 2.x families: gather each LLM decoder layer's and vision encoder layer's parameters as one unit
+    # (DeepSpeed leaf modules) instead of each linear, norm and LoRA matrix on its own: 11-15x fewer ZeRO-3 hook
+    # calls per layer (models/zero3.py); false: DeepSpeed's per-module gathering
     zero3_leaf_layers: bool = True
     # train: fp16 only, dynamic loss scaling starts at 2**this
     fp16_initial_scale_power: int = 16

@@ -18,10 +18,11 @@ groups consecutive crops of the same patch count, and each group is one unmasked
 length so that the groups are few (modeling.image_features). The attention has no weights, so the number of
 SDPA calls may differ between ranks under ZeRO-3; each weighted module still runs once per call.
 
-The encoder layers are transformers' `Idefics2EncoderLayer` (same math and state-dict names as the remote-code
-SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so they run transformers' attention
-implementations (eager, SDPA, flash-attention; the remote code runs eager) and support gradient checkpointing
-through transformers' `GradientCheckpointingLayer`.
+The encoder layers are `NavitEncoderLayer`: transformers' `Idefics2EncoderLayer` (same math and state-dict names as
+the remote-code SigLIP: `self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`), so the padded path runs
+transformers' attention implementations (eager, SDPA, flash-attention; the remote code runs eager), plus the packed
+forward; both are called as modules, with gradient checkpointing through transformers' `GradientCheckpointingLayer`
+and ZeRO-3 leaf-module hooks (models/zero3.py) applying alike.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import Idefics2VisionConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
@@ -137,30 +137,41 @@ def varlen_crop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     return out.reshape(q.shape[0], -1)
 
 
-def packed_encoder_layer(layer: nn.Module, hidden: torch.Tensor, runs: CropRuns,
-                         varlen: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """`Idefics2EncoderLayer`'s math on packed `[T, C]` hidden states, through the layer's own submodules (so LoRA,
-    PEFT wrappers and ZeRO-3 hooks on them apply); checkpointed when the layer has gradient checkpointing on.
-    `varlen` = (cu_seqlens on the device, longest crop): the attention as one varlen call (vision_attention)."""
-    attn = layer.self_attn
+@dataclass(frozen=True)
+class PackedCrops:
+    """Passed to a `NavitEncoderLayer` in place of its attention mask: the hidden states are packed `[T, C]` crops.
+    `varlen` = (cu_seqlens on the device, longest crop): the attention as one varlen call (model.vision_attention)."""
+    runs: CropRuns
+    varlen: tuple[torch.Tensor, int] | None = None
 
-    def run(h: torch.Tensor) -> torch.Tensor:
-        x = layer.layer_norm1(h)
+
+class NavitEncoderLayer(Idefics2EncoderLayer):
+    """`Idefics2EncoderLayer` (same submodules, state-dict names and padded math) that also runs packed crops:
+    `layer(hidden [T, C], PackedCrops(runs))`.
+
+    The packed tower calls each layer as a module, so everything attached to the layer applies: transformers'
+    gradient checkpointing (GradientCheckpointingLayer), and DeepSpeed ZeRO-3's hooks when the layer is a leaf
+    module (deepspeed.zero3_leaf_layers: its parameters gathered once per pass, its gradients reduced from its
+    backward hook). The per-token submodules are still called as modules (LoRA / PEFT wrappers on them apply).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask, **kwargs) -> torch.Tensor:
+        if isinstance(attention_mask, PackedCrops):
+            return self._forward_packed(hidden_states, attention_mask)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+    def _forward_packed(self, h: torch.Tensor, packed: PackedCrops) -> torch.Tensor:
+        attn = self.self_attn
+        x = self.layer_norm1(h)
         shape = (x.shape[0], attn.num_heads, attn.head_dim)
         q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         dropout = attn.dropout if attn.training else 0.0
-        if varlen is not None and dropout:
+        if packed.varlen is not None and dropout:
             raise ValueError("model.vision_attention=varlen: the vision tower's attention_dropout must be 0")
-        out = grouped_attention(q, k, v, runs, attn.scale, dropout) if varlen is None else \
-            varlen_crop_attention(q, k, v, varlen[0], varlen[1], attn.scale)
+        out = grouped_attention(q, k, v, packed.runs, attn.scale, dropout) if packed.varlen is None else \
+            varlen_crop_attention(q, k, v, packed.varlen[0], packed.varlen[1], attn.scale)
         h = h + attn.out_proj(out)
-        return h + layer.mlp(layer.layer_norm2(h))
-
-    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-        ckpt = getattr(layer, "_gradient_checkpointing_func", None) or functools.partial(checkpoint,
-                                                                                        use_reentrant=False)
-        return ckpt(run, hidden)
-    return run(hidden)
+        return h + self.mlp(self.layer_norm2(h))
 
 
 class NavitEmbeddings(nn.Module):
@@ -181,7 +192,7 @@ class NavitEmbeddings(nn.Module):
 class NavitEncoder(nn.Module):
     def __init__(self, config: Idefics2VisionConfig):
         super().__init__()
-        self.layers = nn.ModuleList([Idefics2EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([NavitEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
@@ -238,10 +249,8 @@ class NavitSiglipVisionTower(nn.Module):
                              f"{runs.total * self.config.patch_size}] for tgt_sizes {tgt_sizes.tolist()}")
         position_ids = packed_position_ids(tgt_sizes, self.embeddings.num_patches_per_side)
         hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device)[None])[0]  # [T, C]
-        varlen = None
+        packed = PackedCrops(runs)
         if getattr(self, "crop_attention", "grouped") == "varlen":  # models.kernels (model.vision_attention)
             cu = torch.tensor(runs.cu_seqlens(), dtype=torch.int32).to(hidden.device, non_blocking=True)
-            varlen = (cu, runs.longest)
-        for layer in self.encoder.layers:
-            hidden = packed_encoder_layer(layer, hidden, runs, varlen)
-        return self.post_layernorm(hidden)
+            packed = PackedCrops(runs, (cu, runs.longest))
+        return self.post_layernorm(self.encoder(hidden, packed))

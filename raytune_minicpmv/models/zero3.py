@@ -58,21 +58,25 @@ def prepare_for_zero3(model: nn.Module, layer_leaves: bool = False) -> list[nn.M
     """Mark the per-crop connector(s) of `model` (a PEFT model or a plain one) as ZeRO-3 leaf modules with the two
     hooks DeepSpeed's leaf gradient reduction needs; returns the leaves DeepSpeed will hook (none for 2.x).
 
-    `layer_leaves` (deepspeed.zero3_leaf_layers, 2.x families): every element of the LLM's `layers` ModuleList
-    becomes a leaf too. DeepSpeed's per-module bookkeeping (fetch, prefetch trace, release: ~0.5 ms of host time
-    per module and pass on an H200, benchmarks/optimizer_step.py) then runs once per decoder layer instead of once
-    per linear / norm / LoRA matrix (15 in a 2.6 LoRA decoder layer), in the forward, the recompute and the
-    backward alike. DeepSpeed reduces a leaf's gradients from its full backward hook: the decoder layers are called
-    as modules and their input requires grad (the hooks below make sure of it).
+    `layer_leaves` (deepspeed.zero3_leaf_layers, 2.x families): every element of a `layers` ModuleList (the LLM's
+    decoder layers, the vision tower's encoder layers) becomes a leaf too. DeepSpeed's per-module bookkeeping
+    (fetch, prefetch trace, release: ~0.5 ms of host time per module and pass on an H200,
+    benchmarks/optimizer_step.py) then runs once per layer instead of once per linear / norm / LoRA matrix (15 in a
+    2.6 LoRA decoder layer, 11 in a vision layer), in the forward, the recompute and the backward alike. DeepSpeed
+    reduces a leaf's gradients from its full backward hook: the layers are called as modules and their input
+    requires grad (the hooks below make sure of it).
     """
     from deepspeed.utils import set_z3_leaf_module, set_z3_leaf_modules
 
     set_z3_leaf_modules(model, list(ZERO3_LEAF_CLASSES), raise_if_not_found=False)
     if layer_leaves:
         for name, module in model.named_modules():
-            # not the vision tower's: the packed vision path (models/vision.py) runs each layer's submodules itself,
-            # so a leaf layer's own hooks (the gather, the gradient reduction) would never fire
-            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and ".vpm." not in f".{name}.":
+            # the LLM's decoder layers and the vision tower's encoder layers (`vpm.encoder.layers`): both towers call
+            # every layer as a module (the packed vision path too: models/vision.NavitEncoderLayer), so a leaf
+            # layer's hooks (the gather, the gradient reduction) fire on every pass. Not in PEFT's frozen
+            # `original_module` beside a trained copy (modules_to_save): training never calls it
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" \
+                    and ".original_module." not in f".{name}.":
                 for layer in module:
                     set_z3_leaf_module(layer, True)
     leaves = outermost_leaves(model)

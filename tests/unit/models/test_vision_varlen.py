@@ -20,7 +20,7 @@ from transformers import Idefics2VisionConfig
 
 from raytune_minicpmv.models import build_tiny, load_model
 from raytune_minicpmv.models.resampler import Resampler
-from raytune_minicpmv.models.vision import CropRuns, NavitSiglipVisionTower, packed_encoder_layer
+from raytune_minicpmv.models.vision import CropRuns, NavitSiglipVisionTower, PackedCrops
 
 P = 14
 GRIDS = [(3, 4), (5, 6), (4, 3), (2, 6), (5, 6), (1, 1), (6, 5)]
@@ -94,7 +94,7 @@ def test_attention_across_crops_is_seen_by_the_comparison():
         from raytune_minicpmv.models.vision import packed_position_ids
         h = model.embeddings(torch.cat(xs, dim=-1)[None], packed_position_ids(sizes(), 70)[None])[0]
         for layer in model.encoder.layers:
-            h = packed_encoder_layer(layer, h, CropRuns(((0, 1, t),)))
+            h = layer(h, PackedCrops(CropRuns(((0, 1, t),))))
         leaky = model.post_layernorm(h)
     torch.testing.assert_close(good, pos, rtol=1e-5, atol=1e-5)
     assert (leaky - good).abs().max() > 1e-2
@@ -196,3 +196,20 @@ def test_model_gradient_checkpointing_applies_to_the_packed_vision_layers(ckpt):
     model.config.vision_batch_size = 100
     model.image_features(crops(), sizes()).sum().backward()
     assert len(calls) == 2 * len(model.vpm.encoder.layers)
+
+
+def test_checkpointed_packed_layers_train_behind_frozen_embeddings(ckpt):
+    """With frozen patch and position embeddings (LoRA on the encoder only) the first layer's input needs no grad;
+    the worker's checkpointing (non-reentrant) still gives every packed layer's weights a gradient, where reentrant
+    checkpointing would give them none."""
+    from raytune_minicpmv.models import enable_gradient_checkpointing
+
+    model = load_model(ckpt, dtype=torch.float32).train()
+    model.vision_varlen = True
+    model.vpm.embeddings.requires_grad_(False)
+    enable_gradient_checkpointing(model, mode="vision")
+    model.config.vision_batch_size = 100
+    model.image_features(crops(), sizes()).sum().backward()
+    for layer in model.vpm.encoder.layers:
+        grad = layer.self_attn.q_proj.weight.grad
+        assert grad is not None and torch.count_nonzero(grad) > 0
