@@ -18,6 +18,9 @@
 #   bash benchmarks/gpu_batch.sh fixes     # benchmarks/optimizer_step.py (every ZeRO stage, ds_fixes off/on), then the
 #                                          # recommended recipe, ds_fixes off, ZeRO-3 seed-like persistent / default
 #   bash benchmarks/gpu_batch.sh leaves    # Ray vs torchrun (same loop), seed-like with / without ZeRO-3 leaf layers
+#   bash benchmarks/gpu_batch.sh vleaves   # seed-like with decoder + vision layers as leaves / per module
+#   bash benchmarks/gpu_batch.sh launcher2 # Ray vs torchrun (same loop) in both orders
+#   bash benchmarks/gpu_batch.sh recipe    # recommended, recommended + compiled vision layers, varlen_off, fused_ce_off
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -34,7 +37,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 launcher_pair() {
   local limit=$1; shift
   python3 benchmarks/train_step.py build --model "$W/ts_model" 2>&1 | tail -1
-  for l in ray torchrun; do
+  for l in ${ORDER:-ray torchrun}; do  # ORDER="torchrun ray": the other order
     if [ $l = torchrun ]; then run="env OMP_NUM_THREADS=12 torchrun --nproc_per_node 1 benchmarks/train_step.py torchrun"
     else run="python3 benchmarks/train_step.py ray"; fi
     timeout "$limit" $run --model "$W/ts_model" --trainable lora --zero 0 --no-grad-ckpt --micro-batch 4 --seq 1024 \
@@ -109,5 +112,23 @@ case "${1:-}" in
     timeout 480 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_leaves_gpu.jsonl" \
       --settings seed_like,seed_like_per_module --budget-s 300 --deadline-s 470 2>&1 | grep -v "Loading\|shards" | tail -6
     ;;
-  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves"; exit 2 ;;
+  vleaves)
+    # the seed-like settings with every decoder AND vision encoder layer gathered whole (the packed vision path
+    # calls each layer as a module now) vs DeepSpeed's per-module gathering (builds the workload if missing)
+    timeout 560 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_vleaves_gpu.jsonl" \
+      --settings seed_like,seed_like_per_module --budget-s 400 --deadline-s 550 2>&1 | grep -v "Loading\|shards" | tail -6
+    ;;
+  launcher2)
+    # Ray vs torchrun (same loop), in both orders: each launcher runs once first and once second
+    launcher_pair 100 --steps 12 --warmup 4 --tag launcher4a --out "$OUT/train_step_launcher_gpu.jsonl"
+    ORDER="torchrun ray" launcher_pair 100 --steps 12 --warmup 4 --tag launcher4b --out "$OUT/train_step_launcher_gpu.jsonl"
+    ;;
+  recipe)
+    # the recommended recipe, the same with compiled vision layers, and the two lever rows not yet run
+    timeout 590 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_recipe_gpu.jsonl" \
+      --settings recommended,recommended_compiled,varlen_off,fused_ce_off --budget-s 430 --deadline-s 578 2>&1 \
+      | grep -v "Loading\|shards" | tail -10
+    ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves|vleaves|launcher2|recipe"
+     exit 2 ;;
 esac

@@ -116,8 +116,11 @@ SETTINGS.update({
                                                              "model.sdpa_kernel=flash"], 15),
     # the seed-like settings with every parameter persistent under ZeRO-3 (gathered once, never released)
     "seed_like_persist": (SETTINGS["seed_like"][0] + ["deepspeed.param_persistence_threshold=1e10"], 30),
-    # the seed-like settings with DeepSpeed's per-module gathering (seed_like gathers whole decoder layers)
+    # the seed-like settings with DeepSpeed's per-module gathering (seed_like gathers whole layers)
     "seed_like_per_module": (SETTINGS["seed_like"][0] + ["deepspeed.zero3_leaf_layers=false"], 20),
+    # the recipe with torch.compile of the vision layers' MLP and layer norms (model.compile_vision; the first steps
+    # compile, outside the measured window)
+    "recommended_compiled": (SETTINGS["recommended"][0] + ["model.compile_vision=true"], 30),
 
 })
 # extra environment of a setting's `train` command
