@@ -42,6 +42,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +129,8 @@ SETTING_ENV = {"levers_flash_ds_unfixed": {"RAYTUNE_MINICPMV_DS_FIXES": "0"}}
 
 
 def base_config(work: Path, use_gpu: bool, family: str = "minicpmv2_6") -> dict:
+    # absolute: the CLI reads the config's paths relative to the config file, which lives in WORK itself
+    work = Path(work).resolve()
     cfg = {
         "run": {"name": "bench", "storage_path": str(work / "runs")},
         "ray": {"include_dashboard": False},
@@ -153,18 +156,26 @@ def base_config(work: Path, use_gpu: bool, family: str = "minicpmv2_6") -> dict:
 
 def cli(args: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, list[tuple[float, str]], float]:
     """Run `python -m raytune_minicpmv.cli ARGS`; return (rc, [(arrival time, line)], wall s). Output is teed."""
+    return run_teed([sys.executable, "-m", "raytune_minicpmv.cli", *args], env, log_path, timeout)
+
+
+def run_teed(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, list[tuple[float, str]], float]:
+    """Run CMD, stamping each output line on arrival and writing it to LOG_PATH at once (line-buffered: a run the
+    outer `timeout` kills keeps its log); killed after TIMEOUT seconds even while it prints nothing."""
     t0 = time.monotonic()
     lines = []
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "raytune_minicpmv.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
-        for line in proc.stdout:  # line-buffered by PYTHONUNBUFFERED: stamped on arrival
-            lines.append((time.monotonic(), line))
-            log.write(line)
-            if time.monotonic() - t0 > timeout:
-                proc.kill()
-                break
-        rc = proc.wait()
+    with open(log_path, "w", buffering=1) as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=str(REPO))
+        killer = threading.Timer(max(timeout, 0.0), proc.kill)
+        killer.start()
+        try:
+            for line in proc.stdout:  # line-buffered by PYTHONUNBUFFERED: stamped on arrival
+                lines.append((time.monotonic(), line))
+                log.write(line)
+            rc = proc.wait()
+        finally:
+            killer.cancel()
     return rc, lines, time.monotonic() - t0
 
 
@@ -256,7 +267,7 @@ def main(argv=None) -> None:
                    help="minicpmv4_6: the 4.6-dims model (workload.build_model_v46); use its own --work folder")
     a = p.parse_args(argv)
     t_start = time.monotonic()
-    work = Path(a.work)
+    work = Path(a.work).resolve()
     logs = Path(a.logs or work / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     import workload
