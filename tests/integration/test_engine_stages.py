@@ -143,6 +143,28 @@ def test_zero3_with_and_without_leaf_layers_applies_the_zero2_update(setup, caps
         _forget_zero3()
 
 
+def test_compiled_vision_layers_under_zero3_leaves_apply_the_zero2_update(setup):
+    """model.compile_vision (on in the LoRA recipe) inside ZeRO-3 leaf vision layers with checkpointing: torch.compile
+    (inductor, CPU here) of the MLP and layer norms changes no loss and no update beyond summation order (2.5e-4 on
+    near-zero-gradient elements: as DeepSpeed's per-module path below), and the compiled modules are the ones run."""
+    ckpt, batches = setup
+    on = ("model.gradient_checkpointing=true", "trainable.vision=full")
+    try:
+        ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", *on)
+        losses, _, engine = run_steps(ckpt, batches, "deepspeed.zero_stage=3", *on, "model.compile_vision=true")
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        import deepspeed
+
+        layers = engine.module.get_base_model().vpm.encoder.layers
+        assert all(layer.mlp._compiled_call_impl is not None for layer in layers)
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
+            for n in ref:
+                torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
+    finally:
+        _forget_zero3()
+
+
 def _leaves_vs_zero2(ckpt, batches, capsys, ckpt_on):
     ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", *ckpt_on)
     for leaves in ("true", "false"):
