@@ -63,8 +63,7 @@ class MiniCPMVBase(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = [
-        "NavitEncoderLayer", "Idefics2EncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Resampler"]
+    _no_split_modules = ["NavitEncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Resampler"]
     llm_class: type = Qwen2ForCausalLM
     legacy_strip_positions = False
     vision_varlen = False  # packed crops (no padding) in image_features; the padded path is the reference

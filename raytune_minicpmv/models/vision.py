@@ -194,7 +194,7 @@ class NavitEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([NavitEncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | PackedCrops | None) -> torch.Tensor:
         for layer in self.layers:
             hidden = layer(hidden, attention_mask)
         return hidden
