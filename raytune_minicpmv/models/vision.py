@@ -113,12 +113,15 @@ class CropRuns:
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: CropRuns, scale: float,
                       dropout: float = 0.0) -> torch.Tensor:
-    """Per-crop full attention over packed tokens: q/k/v `[T, H, D]` → `[T, H*D]`, one SDPA call per run."""
+    """Per-crop full attention over packed tokens: q/k/v `[T, H, D]` → `[T, H*D]`, one SDPA call per run.
+
+    The runs are `split` off, not sliced: a slice's backward writes a zero tensor of the whole sequence per run and
+    autograd sums them (runs x 3 full-size passes for each of q, k, v); a split's backward is one concatenation."""
     heads, dim = q.shape[1], q.shape[2]
+    sizes = [count * length for _, count, length in runs.runs]
     outs = []
-    for start, count, length in runs.runs:
-        rows = slice(start, start + count * length)
-        qg, kg, vg = (x[rows].view(count, length, heads, dim).transpose(1, 2) for x in (q, k, v))
+    for (_, count, length), *qkv in zip(runs.runs, *(x.split(sizes) for x in (q, k, v))):
+        qg, kg, vg = (x.view(count, length, heads, dim).transpose(1, 2) for x in qkv)
         og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scale)
         outs.append(og.transpose(1, 2).reshape(count * length, heads * dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
