@@ -195,6 +195,11 @@ class DeepSpeedConfig:
     # (DeepSpeed leaf modules) instead of each linear, norm and LoRA matrix on its own: 11-15x fewer ZeRO-3 hook
     # calls per layer (models/zero3.py); false: DeepSpeed's per-module gathering
     zero3_leaf_layers: bool = True
+    # train, ZeRO-3: DeepSpeed's own linear (a Python autograd function in place of torch's F.linear, process-wide)
+    # that keeps a layer's gathered weight from being held for the backward. auto: off when every layer is
+    # recomputed (model.gradient_checkpointing resolves to true: nothing is held then, and its per-call Python cost
+    # was ~60 % of ZeRO-3's host overhead in a CPU profile, docs/PERFORMANCE.md), on otherwise
+    memory_efficient_linear: Literal["auto", True, False] = "auto"
     # train: fp16 only, dynamic loss scaling starts at 2**this
     fp16_initial_scale_power: int = 16
     # train: with offload_optimizer=cpu use DeepSpeedCPUAdam (JIT-compiled once, ~2 min); false: torch AdamW on CPU

@@ -61,6 +61,7 @@ def build_ds_config(cfg: Config) -> dict:
             "stage3_param_persistence_threshold": int(ds.param_persistence_threshold),
             # we gather the trainable tensors ourselves (checkpoint.py); this only enables engine.save_16bit_model
             "stage3_gather_16bit_weights_on_model_save": True,
+            "memory_efficient_linear": memory_efficient_linear(cfg),
         })
         if ds.offload_param == "cpu":
             zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
@@ -81,6 +82,30 @@ def build_ds_config(cfg: Config) -> dict:
     if ds.offload_optimizer == "cpu" and not ds.cpu_adam:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on CPU master weights: slow, but no JIT build
     return config
+
+
+def memory_efficient_linear(cfg: Config) -> bool:
+    """ZeRO-3's `memory_efficient_linear`, `auto` resolved (after engine_plan resolved the checkpointing mode).
+
+    DeepSpeed's linear saves the weight Parameter for the backward, where torch's F.linear saves a view of the
+    gathered weight, which keeps the gathered copy alive until the backward when the layer's activations are
+    kept. With every layer recomputed (checkpointing true) nothing of the forward is kept, so torch's own linear
+    holds no more memory, and DeepSpeed's costs a Python autograd function (and an inspect.signature) per call."""
+    mel = cfg.deepspeed.memory_efficient_linear
+    return cfg.model.gradient_checkpointing is not True if mel == "auto" else bool(mel)
+
+
+def restore_torch_linear() -> bool:
+    """Undo a process-wide F.linear patch of an earlier ZeRO-3 zero.Init with memory_efficient_linear on
+    (DeepSpeed restores it only on its compile path); True when something was restored."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patcher
+
+    original = getattr(Patcher, "linear_bk", None)
+    if original is None or F.linear is original:
+        return False
+    F.linear = original
+    return True
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import TrainState, load_checkpoint
 from .grad_norm import keep_plain_grad_norm
 from ..config import Config, config_from_dict, is_uri, join_uri
-from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list
+from .engine import build_ds_config, build_lr_scheduler, build_optimizer, fix_cuda_arch_list, restore_torch_linear
 from .metrics import FlopModel, StepCounts, ThroughputMeter, Timer, Trackers, peak_flops
 from .profiling import phase
 from .progress import Progress, StepReporter, report_to_ray, step_actions
@@ -184,6 +184,8 @@ def build_engine(cfg: Config, say: Callable[[str], None] = lambda msg: None):
     say(plan.describe())
     cfg = plan.apply(cfg)
     ds_cfg = build_ds_config(cfg)
+    if cfg.deepspeed.zero_stage == 3 and not ds_cfg["zero_optimization"]["memory_efficient_linear"]:
+        restore_torch_linear()  # an earlier engine of this process may have patched it
     dtype = as_torch_dtype(cfg.model.dtype)
     global _HF_DS_CONFIG
     _HF_DS_CONFIG = None

@@ -143,6 +143,34 @@ def test_zero3_with_and_without_leaf_layers_applies_the_zero2_update(setup, caps
         _forget_zero3()
 
 
+def test_zero3_with_every_layer_recomputed_runs_torchs_linear_and_applies_the_zero2_update(setup):
+    """deepspeed.memory_efficient_linear=auto: DeepSpeed's linear (a Python autograd function patched over F.linear
+    for the whole process, ~60 % of ZeRO-3's host overhead in a CPU profile) only while some layer keeps its
+    activations; with checkpointing true torch's own F.linear runs, also after an earlier engine patched it."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    ckpt, batches = setup
+    on = ("trainable.vision=full",)
+    try:
+        run_steps(ckpt, batches, "deepspeed.zero_stage=3", "model.gradient_checkpointing=false", *on, steps=1)
+        assert F.linear is zero3_linear_wrap  # kept activations: DeepSpeed's linear (the default DeepSpeed ships)
+        ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", "model.gradient_checkpointing=true",
+                                       *on)
+        losses, _, engine = run_steps(ckpt, batches, "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
+                                      *on)
+        assert F.linear is torch._C._nn.linear  # torch's own
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        import deepspeed
+
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
+            for n in ref:
+                torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
+    finally:
+        _forget_zero3()
+
+
 def test_compiled_vision_layers_under_zero3_leaves_apply_the_zero2_update(setup):
     """model.compile_vision (on in the LoRA recipe) inside ZeRO-3 leaf vision layers with checkpointing: torch.compile
     (inductor, CPU here) of the MLP and layer norms changes no loss and no update beyond summation order (2.5e-4 on
