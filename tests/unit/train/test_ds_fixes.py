@@ -45,6 +45,13 @@ def fixed(monkeypatch):
 
     monkeypatch.setattr(CheckOverflow, "has_overflow_serial", CheckOverflow.has_overflow_serial)  # undone after
     monkeypatch.setattr(FP16_UnfusedOptimizer, "step", FP16_UnfusedOptimizer.step)
+    from deepspeed.runtime.zero import partition_parameters
+
+    monkeypatch.setattr(partition_parameters, "print_rank_0", partition_parameters.print_rank_0)
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    monkeypatch.setattr(partitioned_param_coordinator, "get_all_parameters",
+                        partitioned_param_coordinator.get_all_parameters)
     monkeypatch.delenv(ds_fixes.ENV, raising=False)
     assert "overflow check: one host sync" in ds_fixes.apply_ds_fixes()
     return CheckOverflow(param_groups=None)
@@ -88,6 +95,54 @@ def test_the_switch_leaves_deepspeed_alone(monkeypatch):
     monkeypatch.setenv(ds_fixes.ENV, "0")
     assert ds_fixes.apply_ds_fixes() == []
     assert CheckOverflow.has_overflow_serial is before
+
+
+def test_zero3s_silent_prints_ask_for_no_rank_and_the_others_still_print(fixed, monkeypatch, capsys):
+    """ZeRO-3 calls partition_parameters.print_rank_0 with debug and force off ~6,000 times a step; DeepSpeed's own
+    asks the process group for the rank on each call before it looks at the flags."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero import partition_parameters
+
+    asked = []
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: asked.append(1) or 0)
+    for _ in range(5):
+        partition_parameters.print_rank_0("not shown", force=False)
+    assert asked == [] and capsys.readouterr().out == ""
+    partition_parameters.print_rank_0("shown", force=True)
+    partition_parameters.print_rank_0("shown too", debug=True)
+    assert capsys.readouterr().out == "shown\nshown too\n" and len(asked) == 2
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
+    partition_parameters.print_rank_0("rank 1 prints nothing", force=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_zero3s_parameter_lists_walk_each_module_once_and_keep_the_external_ones(fixed, monkeypatch):
+    """ZeRO-3's coordinator lists a module's parameters (iter_params) at every fetch, release and re-partition: for
+    a leaf layer a walk of all its submodules, ~50,000 walks a step for the 2.6 recipe."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
+
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)))
+    external = torch.nn.Parameter(torch.zeros(2))
+    extras = []
+    for m in layer.modules():  # what ZeRO-3 attaches to every module
+        m.ds_external_parameters = (lambda: list(extras))
+    walks = []
+    original = torch.nn.Module._named_members  # what named_parameters runs: one call per listing
+
+    def counting(self, *a, **k):
+        walks.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "_named_members", counting)
+    expected = [p for _, p in layer.named_parameters()]
+    walks.clear()
+    for _ in range(10):
+        assert list(coordinator.iter_params(layer, recurse=True)) == expected
+    assert list(coordinator.iter_params(layer, recurse=False)) == []  # its own: none (all in submodules)
+    assert len(walks) == 2  # one walk per (module, recurse), not one per call
+    extras.append(("ext", external))  # an external parameter registered during a forward: seen at once
+    assert list(coordinator.iter_params(layer, recurse=True)) == expected + [external]
 
 
 # --- the ZeRO-0 bf16 step: DeepSpeed's FP16_UnfusedOptimizer with and without the multi-tensor step -------------
