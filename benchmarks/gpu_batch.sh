@@ -21,6 +21,10 @@
 #   bash benchmarks/gpu_batch.sh vleaves   # seed-like with decoder + vision layers as leaves / per module
 #   bash benchmarks/gpu_batch.sh launcher2 # Ray vs torchrun (same loop) in both orders
 #   bash benchmarks/gpu_batch.sh recipe    # recommended, recommended + compiled vision layers, varlen_off, fused_ce_off
+#   bash benchmarks/gpu_batch.sh host3     # recipe (compiled), seed_like, seed_like + compiled vision (split q/k/v runs,
+#                                          # torch's linear under ZeRO-3 with recompute, DeepSpeed host fixes)
+#   bash benchmarks/gpu_batch.sh host3b    # tests/gpu (QLoRA skips without bitsandbytes), then seed_like with DeepSpeed's own linear
+#   bash benchmarks/gpu_batch.sh profile2  # `train --profile` of seed_like (ZeRO-3, 55 leaves), then of recommended_compiled
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -129,6 +133,24 @@ case "${1:-}" in
       --settings recommended,recommended_compiled,varlen_off,fused_ce_off --budget-s 430 --deadline-s 578 2>&1 \
       | grep -v "Loading\|shards" | tail -10
     ;;
-  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves|vleaves|launcher2|recipe"
+  host3)
+    timeout 585 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_host3_gpu.jsonl" \
+      --settings recommended_compiled,seed_like,seed_like_compiled --budget-s 420 --deadline-s 578 2>&1 \
+      | grep -v "Loading\|shards" | tail -6
+    ;;
+  host3b)
+    timeout 240 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests_gpu.log" | tail -8
+    timeout 280 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_host3_gpu.jsonl" \
+      --settings seed_like_mel --deadline-s 275 2>&1 | grep -v "Loading\|shards" | tail -3
+    ;;
+  profile2)
+    # where the seed-like step (host-bound at micro-batch 2) and the recipe's step go, on today's code
+    timeout 200 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --settings "" 2>&1 | grep "ready\|rc="
+    for s in seed_like recommended_compiled; do
+      timeout 195 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_profile2_gpu.jsonl" \
+        --settings "" --profile $s --deadline-s 190 2>&1 | grep -v "Loading\|shards" | grep -A75 "profile of" | head -75
+    done
+    ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves|vleaves|launcher2|recipe|host3|host3b|profile2"
      exit 2 ;;
 esac

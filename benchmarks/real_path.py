@@ -122,6 +122,10 @@ SETTINGS.update({
     # the recipe with torch.compile of the vision layers' MLP and layer norms (model.compile_vision; the first steps
     # compile, outside the measured window)
     "recommended_compiled": (SETTINGS["recommended"][0] + ["model.compile_vision=true"], 30),
+    # the seed-like settings with compiled vision layers, and with DeepSpeed's own linear (memory_efficient_linear:
+    # auto turns it off when every layer is recomputed, as here)
+    "seed_like_compiled": (SETTINGS["seed_like"][0] + ["model.compile_vision=true"], 30),
+    "seed_like_mel": (SETTINGS["seed_like"][0] + ["deepspeed.memory_efficient_linear=true"], 30),
 
 })
 # extra environment of a setting's `train` command

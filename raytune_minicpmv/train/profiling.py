@@ -94,7 +94,7 @@ def _profile_dir(cfg: Config) -> str:
     return join_uri(run_dir, "profile")
 
 
-def summarize(prof, top: int = 15, steps: int = 0) -> str:
+def summarize(prof, top: int = 22, steps: int = 0) -> str:
     """Top kernels by GPU time, the GPU idle % of the recorded window, the step phases and the top host operators
     (CPU: phases and top operators). `steps` (the recorded steps) turns totals into per-step figures."""
     events = list(prof.events())
