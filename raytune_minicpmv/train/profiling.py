@@ -8,7 +8,9 @@ every `engine.step()` (one per micro-batch), skips the first `WARMUP_STEPS` step
 allocator growth, cuDNN plan building), records `profile_steps` steps and then stops. Each rank writes a Chrome /
 Perfetto trace `<run dir>/profile/trace_rank<R>.json` (open it in https://ui.perfetto.dev); rank 0 prints:
 
-* the top kernels by GPU time (name, calls, total ms, % of kernel time);
+* the top kernels by GPU time (name, calls, total ms, % of kernel time), then the same time by where it was
+  launched: the operator and the first Python frame outside torch, or in the backward the autograd node (a copy
+  kernel says nothing until one knows which transpose or cat it serves);
 * GPU idle %: 1 − (union of the intervals in which at least one kernel or copy ran) / (wall time of the recorded
   steps). A high idle % with a short kernel time means the host (Python, launches, ZeRO bookkeeping, data wait,
   synchronisations) bounds the step, not the GPU.
@@ -115,6 +117,7 @@ def summarize(prof, top: int = 22, steps: int = 0) -> str:
                   f"(kernels busy {busy_us / 1e3:.0f} ms, {len(kernels)} kernels and copies)", "top kernels (GPU time):"]
         for name, (t, c) in sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
             lines.append(f"  {t / 1e3:9.1f} ms {100 * t / max(kernel_us, 1e-9):5.1f}% {c:6d}x  {name[:90]}")
+        lines += kernel_source_lines(events, steps, top)
     lines += phase_lines(averages, steps)
     lines += sync_lines(events, steps)
     per = max(steps, 1)
@@ -149,12 +152,46 @@ def phase_lines(averages, steps: int) -> list[str]:
     return out
 
 
+def kernel_source_lines(events, steps: int, top: int = 22) -> list[str]:
+    """GPU time by launching site: each CPU operator's kernels (the profiler links them by correlation id) grouped
+    by (kernel, operator, origin), origin being the first Python frame outside torch or, on the backward thread,
+    the autograd node that ran the operator. Per recorded step."""
+    sites: dict[tuple[str, str, str], list] = {}
+    for e in events:
+        for k in getattr(e, "kernels", None) or ():
+            c = sites.setdefault((k.name, e.name, _origin(e) or "(no Python frame)"), [0.0, 0])
+            c[0] += k.duration
+            c[1] += 1
+    if not sites:
+        return []
+    per = max(steps, 1)
+    out = [f"kernel time by launch site ({'ms per step' if steps else 'ms in all'}: kernel <- operator <- origin):"]
+    for (kernel, op, where), (us, n) in sorted(sites.items(), key=lambda kv: kv[1][0], reverse=True)[:top]:
+        out.append(f"  {us / 1e3 / per:8.1f} ms {n / per:7.1f}x  {kernel[:48]} <- {op[:32]} <- {where[:90]}")
+    return out
+
+
+def _origin(e) -> Optional[str]:
+    """The first Python frame outside torch on the way up from E or, on the autograd thread (no Python frames), the
+    autograd node that ran it; None when neither."""
+    node = e
+    while node is not None:
+        if node.name.startswith(AUTOGRAD_NODE):
+            return "backward " + node.name[len(AUTOGRAD_NODE):].strip()
+        frames = [f for f in (getattr(node, "stack", None) or []) if "/torch/" not in f and "<built-in" not in f]
+        if frames:
+            return frames[0]
+        node = getattr(node, "cpu_parent", None)
+    return None
+
+
+AUTOGRAD_NODE = "autograd::engine::evaluate_function:"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def sync_lines(events, steps: int, top: int = 8) -> list[str]:
     """Host synchronisations (each drains the GPU's queue) by the first Python frame outside torch that led to
-    them (the trace is recorded with stacks), per recorded step."""
+    them (the trace is recorded with stacks) or the autograd node whose backward made them, per recorded step."""
     counts: dict[str, list] = {}
     for e in events:
         if e.name not in SYNC_CALLS:
@@ -173,14 +210,18 @@ def sync_lines(events, steps: int, top: int = 8) -> list[str]:
 
 
 def _caller(e) -> str:
-    node = e
-    while node is not None:
-        frames = [f for f in (getattr(node, "stack", None) or []) if "/torch/" not in f and "<built-in" not in f]
-        if frames:
-            return frames[0]
+    where = _origin(e)
+    if where is not None:
+        return where
+    chain, node = [], getattr(e, "cpu_parent", None)
+    while node is not None:  # the operators above it, innermost first: which op of which range made the sync
+        chain.append(node.name)
         node = getattr(node, "cpu_parent", None)
-    parent = getattr(e, "cpu_parent", None)
-    return f"(no Python frame; under {parent.name if parent is not None else 'nothing'})"
+    return f"(no Python frame; under {' < '.join(_shorten(chain)) if chain else 'nothing'})"
+
+
+def _shorten(chain: list[str], keep: int = 5) -> list[str]:
+    return chain if len(chain) <= keep else chain[:keep - 2] + ["..."] + chain[-1:]
 
 
 def _is_device(e) -> bool:

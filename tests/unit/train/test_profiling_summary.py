@@ -56,3 +56,54 @@ def test_synchronisations_are_counted_by_the_first_frame_outside_torch():
     assert out[1] == "      2.0x      4.0 ms  /repo/raytune_minicpmv/models/modeling.py(171): embed_inputs"
     assert out[2] == "      0.5x      1.0 ms  (no Python frame; under nothing)"
     assert len(out) == 3  # the kernel launch is not a synchronisation
+
+
+def test_kernel_time_is_booked_to_its_launch_site():
+    """Kernels exist only on a GPU: stand-in events with the profiler's attribute names (a CPU operator's
+    `kernels`, linked by correlation id; `cpu_parent`; Python `stack`)."""
+    from types import SimpleNamespace as E
+
+    from raytune_minicpmv.train.profiling import kernel_source_lines
+
+    def k(name, us):
+        return E(name=name, device=0, duration=us)
+
+    fwd = E(name="aten::transpose", stack=["/site/torch/nn/functional.py(5): f",
+                                           "/repo/raytune_minicpmv/models/vision.py(124): grouped_attention"],
+            cpu_parent=None, kernels=[])
+    copy_fwd = E(name="aten::copy_", stack=[], cpu_parent=fwd, kernels=[k("elementwise_kernel<128, 4>", 300.0)] * 2)
+    node = E(name="autograd::engine::evaluate_function: CatBackward0", stack=[], cpu_parent=None, kernels=[])
+    copy_bwd = E(name="aten::copy_", stack=[], cpu_parent=node, kernels=[k("elementwise_kernel<128, 4>", 500.0)])
+    bare = E(name="aten::mm", stack=[], cpu_parent=None, kernels=[k("nvjet_gemm", 100.0)])
+    out = kernel_source_lines([fwd, copy_fwd, node, copy_bwd, bare, E(name="cudaLaunchKernel")], steps=2)
+    assert out[0].startswith("kernel time by launch site (ms per step")
+    assert out[1] == ("       0.3 ms     1.0x  elementwise_kernel<128, 4> <- aten::copy_ <- "
+                      "/repo/raytune_minicpmv/models/vision.py(124): grouped_attention")
+    assert out[2] == "       0.2 ms     0.5x  elementwise_kernel<128, 4> <- aten::copy_ <- backward CatBackward0"
+    assert out[3] == "       0.1 ms     0.5x  nvjet_gemm <- aten::mm <- (no Python frame)"
+    assert len(out) == 4
+
+
+def test_a_synchronisation_in_the_backward_names_its_autograd_node():
+    from types import SimpleNamespace as E
+
+    from raytune_minicpmv.train.profiling import sync_lines
+
+    span = E(start=0.0, end=1000.0)
+    node = E(name="autograd::engine::evaluate_function: VarlenAttnBackward", stack=[], cpu_parent=None)
+    copy = E(name="aten::copy_", stack=[], cpu_parent=node)
+    out = sync_lines([E(name="cudaStreamSynchronize", stack=[], cpu_parent=copy, time_range=span)], steps=1)
+    assert out[1] == "      1.0x      1.0 ms  backward VarlenAttnBackward"
+
+
+def test_a_synchronisation_without_python_frames_lists_the_operators_above_it():
+    from types import SimpleNamespace as E
+
+    from raytune_minicpmv.train.profiling import sync_lines
+
+    span = E(start=0.0, end=1000.0)
+    node = None
+    for name in ["step.forward", "CompiledFunction", "aten::to", "aten::_to_copy", "aten::copy_", "aten::copy_"]:
+        node = E(name=name, stack=[], cpu_parent=node)
+    out = sync_lines([E(name="cudaStreamSynchronize", stack=[], cpu_parent=node, time_range=span)], steps=1)
+    assert out[1] == "      1.0x      1.0 ms  (no Python frame; under aten::copy_ < aten::copy_ < aten::_to_copy < ... < step.forward)"
