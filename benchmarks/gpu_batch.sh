@@ -25,6 +25,8 @@
 #                                          # torch's linear under ZeRO-3 with recompute, DeepSpeed host fixes)
 #   bash benchmarks/gpu_batch.sh host3b    # tests/gpu (QLoRA skips without bitsandbytes), then seed_like with DeepSpeed's own linear
 #   bash benchmarks/gpu_batch.sh profile2  # `train --profile` of seed_like (ZeRO-3, 55 leaves), then of recommended_compiled
+#   bash benchmarks/gpu_batch.sh pin       # profile of recommended_compiled (kernels by launch site), then the recipe with
+#                                          # pinned (default) and pageable micro-batches
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -142,6 +144,13 @@ case "${1:-}" in
     timeout 240 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests_gpu.log" | tail -8
     timeout 280 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_host3_gpu.jsonl" \
       --settings seed_like_mel --deadline-s 275 2>&1 | grep -v "Loading\|shards" | tail -3
+    ;;
+  pin)
+    # where the recipe's step goes (kernel time by launch site, syncs by autograd node), then micro-batches pinned in
+    # the collate thread (train.pin_memory, default on) vs pageable, in one call
+    timeout 585 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_pin_gpu.jsonl" \
+      --settings recommended_compiled,recommended_unpinned --profile recommended_compiled --budget-s 330 \
+      --deadline-s 578 2>&1 | grep -v "Loading\|shards" | grep -v "^(RayTrainWorker" | tail -8
     ;;
   profile2)
     # where the seed-like step (host-bound at micro-batch 2) and the recipe's step go, on today's code

@@ -126,6 +126,12 @@ SETTINGS.update({
     # auto turns it off when every layer is recomputed, as here)
     "seed_like_compiled": (SETTINGS["seed_like"][0] + ["model.compile_vision=true"], 30),
     "seed_like_mel": (SETTINGS["seed_like"][0] + ["deepspeed.memory_efficient_linear=true"], 30),
+    # the recipe with its micro-batches left in pageable memory (train.pin_memory: the copies to the GPU staged by
+    # the host inside the step), and at micro-batch 12 with the recipe's engine kept (auto would recompute there)
+    "recommended_unpinned": (SETTINGS["recommended"][0] + ["model.compile_vision=true", "train.pin_memory=false"], 30),
+    "recommended_mb12": (SETTINGS["recommended"][0] + ["model.compile_vision=true", "train.micro_batch_size=12",
+                                                       "deepspeed.zero_stage=0", "model.gradient_checkpointing=false"],
+                         25),
 
 })
 # extra environment of a setting's `train` command
@@ -324,7 +330,7 @@ def main(argv=None) -> None:
                 x for _, x in lines[-8:])[-400:]
         if name.endswith("+profile"):  # a profiled run is not timed (the profiler's own overhead): its summary
             at = next((i for i, (_, x) in enumerate(lines) if "profile of" in x), len(lines))
-            row = {"setting": name, "profile": "".join(x for _, x in lines[at:at + 60])}
+            row = {"setting": name, "profile": "".join(x for _, x in lines[at:at + 100])}
         _drop_checkpoints(work / "runs" / run)  # a full fine-tune's checkpoint is ~35 GB: keep the disk free
         rows.append(row)
         with open(a.out, "a") as f:

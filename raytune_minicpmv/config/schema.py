@@ -150,6 +150,9 @@ class TrainConfig:
     # warm-up steps on every rank; rank 0 prints the top
     # kernels and the GPU idle %, each rank writes <run dir>/profile/trace_rank<R>.json (`train --profile`)
     profile_steps: int = 0
+    # on CUDA, pin each micro-batch in the collate thread: the step's copies to the GPU are then queued, not staged
+    # by the host (train/worker.pinned)
+    pin_memory: bool = True
 
 
 @dataclass(frozen=True)

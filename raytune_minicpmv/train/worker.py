@@ -292,13 +292,16 @@ def epoch_batches(shard, cfg: Config, collate, drop_last: bool) -> Iterator[dict
     """One epoch of micro-batches: `micro_batch_size` rows each, or within `train.max_tokens_per_batch` tokens
     (padded, or packed rows with data.packing; data/packing.py), collated in a background thread."""
     budget = cfg.train.max_tokens_per_batch
+    pin = cfg.train.pin_memory and torch.cuda.is_available()  # in the collate thread: asynchronous copies to the GPU
     if budget is None:
-        return iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+        fn = (lambda batch: pinned(collate(batch))) if pin else collate
+        return iter(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=fn,
                                              drop_last=drop_last))
     from ..data.packing import PACK_WINDOW_ROWS, budget_micro_batches, prefetched
 
     rows = shard.iter_batches(batch_size=PACK_WINDOW_ROWS, batch_format="numpy")
-    return prefetched(budget_micro_batches(rows, budget, cfg.data.packing))
+    batches = budget_micro_batches(rows, budget, cfg.data.packing)
+    return prefetched(map(pinned, batches) if pin else batches)
 
 
 def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
@@ -379,6 +382,20 @@ def evaluate_generation(engine, scorer, say) -> dict[str, float]:
                             lambda t, op=None: all_reduce(t, engine.device, op=op), say)
     finally:
         engine.train()
+
+
+def pinned(obj):
+    """The collate dict with its CPU tensors in page-locked memory (CUDA only). `to_device`'s `non_blocking` copy of
+    a pageable tensor is synchronous (the host stages it); of a pinned one it is queued, so the host goes on to
+    launch the forward while the batch crosses (the recipe's profile: 88 pageable copies, 28 ms of host time a
+    step). Runs in the collate thread, off the training loop."""
+    if torch.is_tensor(obj):
+        return obj.pin_memory() if obj.device.type == "cpu" else obj
+    if isinstance(obj, dict):
+        return {k: pinned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(pinned(v) for v in obj)
+    return obj
 
 
 def to_device(obj, device):
