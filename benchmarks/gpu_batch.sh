@@ -27,6 +27,7 @@
 #   bash benchmarks/gpu_batch.sh profile2  # `train --profile` of seed_like (ZeRO-3, 55 leaves), then of recommended_compiled
 #   bash benchmarks/gpu_batch.sh pin       # profile of recommended_compiled (kernels by launch site), then the recipe with
 #                                          # pinned (default) and pageable micro-batches
+#   bash benchmarks/gpu_batch.sh chunk     # packed crops in vision_batch_size chunks vs one tower call; pinned-batch test
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -151,6 +152,14 @@ case "${1:-}" in
     timeout 585 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_pin_gpu.jsonl" \
       --settings recommended_compiled,recommended_unpinned --profile recommended_compiled --budget-s 330 \
       --deadline-s 578 2>&1 | grep -v "Loading\|shards" | grep -v "^(RayTrainWorker" | tail -8
+    ;;
+  chunk)
+    # packed crops in chunks of vision_batch_size (the old path) vs one vision-tower call per batch (the new
+    # default), then the pinned-batch GPU test
+    timeout 470 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_chunk_gpu.jsonl" \
+      --settings recommended_chunked,recommended_compiled --deadline-s 465 2>&1 | grep -v "Loading\|shards" \
+      | grep -v "^(RayTrainWorker" | tail -4
+    timeout 60 python3 -m pytest -m gpu tests/gpu/test_train_gpu.py -k pinned -q -p no:cacheprovider 2>&1 | tail -3
     ;;
   profile2)
     # where the seed-like step (host-bound at micro-batch 2) and the recipe's step go, on today's code

@@ -129,6 +129,10 @@ SETTINGS.update({
     # the recipe with its micro-batches left in pageable memory (train.pin_memory: the copies to the GPU staged by
     # the host inside the step), and at micro-batch 12 with the recipe's engine kept (auto would recompute there)
     "recommended_unpinned": (SETTINGS["recommended"][0] + ["model.compile_vision=true", "train.pin_memory=false"], 30),
+    # the recipe with its packed crops in chunks of the checkpoint's vision_batch_size (16), as before
+    # model.vision_chunk_crops existed (now all crops of a batch go through the tower in one call)
+    "recommended_chunked": (SETTINGS["recommended"][0] + ["model.compile_vision=true", "model.vision_chunk_crops=16"],
+                            30),
     "recommended_mb12": (SETTINGS["recommended"][0] + ["model.compile_vision=true", "train.micro_batch_size=12",
                                                        "deepspeed.zero_stage=0", "model.gradient_checkpointing=false"],
                          25),

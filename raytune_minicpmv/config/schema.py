@@ -82,6 +82,10 @@ class ModelConfig:
     fused_ce: Literal[True, False, "auto"] = "auto"  # training loss from hidden states: no [tokens, vocab] logits
     liger: Literal[True, False, "auto"] = "auto"  # Liger Kernel (extra `gpu`): RMSNorm/SwiGLU/RoPE + fused CE
     compile_vision: bool = False  # torch.compile of the vision layers' per-token parts (first steps compile)
+    # crops per vision-tower call. None: packed crops (vision_varlen) go through the tower in ONE call per batch (one
+    # set of kernel launches; the memory is the same, training keeps every crop's activations anyway), padded crops
+    # in chunks of the checkpoint's vision_batch_size (the padded batch and its mask grow with the chunk)
+    vision_chunk_crops: Optional[int] = None
     # the packed vision tower's attention (vision_varlen on): grouped (one SDPA call per run of equal-length crops;
     # the exact CPU path) or varlen (one torch varlen_attn call per layer for all crops: CUDA, bf16/fp16, no
     # attention dropout); auto: grouped (with flash SDPA it measured faster than varlen, docs/PERFORMANCE.md)

@@ -74,6 +74,8 @@ def validate(cfg: Config, check_paths: bool = True) -> list[str]:
     need(not (m.vision_attention == "varlen" and not (cfg.scaling.use_gpu and m.dtype in ("bf16", "fp16"))),
          "model.vision_attention: varlen needs GPUs and model.dtype bf16 or fp16 (torch's varlen_attn); use auto "
          "or grouped")
+    need(m.vision_chunk_crops is None or m.vision_chunk_crops >= 1,
+         "model.vision_chunk_crops: must be >= 1 (or null: every packed crop of a batch in one call)")
     need(not (m.vision_attention == "varlen" and m.vision_varlen is False),
          "model.vision_attention: varlen attends packed crops; it needs model.vision_varlen auto or true")
     p += _quantization_problems(cfg, check_paths)

@@ -112,6 +112,7 @@ def _vision_dropout(model: nn.Module) -> float:
 def configure_kernels(model: nn.Module, model_cfg, use_gpu: bool) -> KernelPlan:
     """Apply the resolved plan to a freshly loaded model (call before PEFT wrapping and DeepSpeed)."""
     plan = plan_kernels(model, model_cfg, use_gpu)
+    model.vision_chunk = getattr(model_cfg, "vision_chunk_crops", None)
     if plan.vision_varlen:
         model.vision_varlen = True
         model.vpm.crop_attention = plan.vision_attention  # read by the packed tower (vision.py)

@@ -7,9 +7,10 @@
 The forward, per batch:
 1. every crop of every sample is zero-padded to the longest and run through `vpm` in chunks of
    `config.vision_batch_size` crops, then through the resampler → `[n_crops, Q, D]`; with `model.vision_varlen`
-   (set by `models.kernels.configure_kernels`, a run's `model.vision_varlen`) the crops of a chunk are sorted by
-   length and packed side by side WITHOUT padding instead (vision.py "Packed"): same features, no padded patch
-   computed, unmasked SDPA per run of equal-length crops;
+   (set by `models.kernels.configure_kernels`, a run's `model.vision_varlen`) the crops are sorted by length and
+   packed side by side WITHOUT padding instead (vision.py "Packed"), all of the batch in one call unless
+   `model.vision_chunk_crops` says otherwise: same features, no padded patch computed, unmasked SDPA per run of
+   equal-length crops;
 2. the LLM's token embeddings are computed and the crop features are written at the `image_bound` spans
    OUT OF PLACE (`index_copy`), so frozen embeddings + `enable_input_require_grads` + LoRA work (an in-place scatter
    on that output is the remote code's "leaf variable used in an in-place operation" error);
@@ -67,6 +68,7 @@ class MiniCPMVBase(PreTrainedModel):
     llm_class: type = Qwen2ForCausalLM
     legacy_strip_positions = False
     vision_varlen = False  # packed crops (no padding) in image_features; the padded path is the reference
+    vision_chunk: Optional[int] = None  # model.vision_chunk_crops (None: see image_features)
     fused_ce = False  # the training loop asks for loss_only=True (kernels.uses_fused_loss)
     fused_ce_impl = "torch"  # loss_only=True: "torch" (chunked, loss.py) or "liger" (set by kernels.py)
 
@@ -113,8 +115,7 @@ class MiniCPMVBase(PreTrainedModel):
         """crops: `[3, 14, N_i*14]` each; tgt_sizes `[n, 2]` → `[n, Q, D]` in the LLM's dtype."""
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
         tgt_sizes = tgt_sizes.to(torch.int32)
-        # ZeRO-3 (ds_id on partitioned params): one call whatever the crop count, so every rank gathers in step
-        chunk = len(crops) if self.zero3_partitioned else max(1, int(self.config.vision_batch_size))
+        chunk = self._vision_chunk(len(crops))
         if self.vision_varlen:
             return self._packed_image_features(crops, tgt_sizes, chunk, dtype)
         width = max(c.shape[-1] for c in crops)
@@ -124,6 +125,17 @@ class MiniCPMVBase(PreTrainedModel):
             hidden = self.vpm(pixels[s:s + chunk], tgt_sizes[s:s + chunk])
             feats.append(self.resampler(hidden, tgt_sizes[s:s + chunk]))
         return torch.cat(feats).to(self.get_input_embeddings().weight.dtype)
+
+    def _vision_chunk(self, n_crops: int) -> int:
+        """Crops per vision-tower call. ZeRO-3 (ds_id on partitioned params): all, so every rank makes one call and
+        gathers in step. Else model.vision_chunk_crops when set; else all for packed crops (chunking them only
+        multiplied the tower's kernel launches: 4 chunks of the recipe's 54 crops at vision_batch_size 16) and the
+        checkpoint's vision_batch_size for padded ones (it bounds the padded batch and its mask)."""
+        if self.zero3_partitioned:
+            return max(n_crops, 1)
+        if self.vision_chunk:
+            return int(self.vision_chunk)
+        return max(n_crops, 1) if self.vision_varlen else max(1, int(self.config.vision_batch_size))
 
     def _packed_image_features(self, crops: list[torch.Tensor], tgt_sizes: torch.Tensor, chunk: int,
                                dtype: torch.dtype) -> torch.Tensor:

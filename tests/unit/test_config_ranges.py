@@ -34,6 +34,7 @@ BOUNDARIES = [
     (["deepspeed.memory_fraction=0.09"], "deepspeed.memory_fraction", ["deepspeed.memory_fraction=0.1"]),
     (["deepspeed.memory_fraction=1.01"], "deepspeed.memory_fraction", ["deepspeed.memory_fraction=1"]),
     (["train.profile_steps=-1"], "train.profile_steps", ["train.profile_steps=0"]),
+    (["model.vision_chunk_crops=0"], "model.vision_chunk_crops", ["model.vision_chunk_crops=1"]),
     (["optim.lr=0"], "optim.lr", ["optim.lr=1e-9"]),
     (["optim.lr=1"], "optim.lr", ["optim.lr=0.99"]),
     (["optim.lr=-1e-4"], "optim.lr", []),

@@ -163,16 +163,17 @@ def ckpt(tmp_path_factory):
     return build_tiny("minicpmv2_6", tmp_path_factory.mktemp("tiny"), query_num=16, vision_batch_size=3)
 
 
-@pytest.mark.parametrize("zero3_like_single_call", [False, True])
-def test_model_image_features_and_gradients_equal_with_varlen(ckpt, zero3_like_single_call):
-    """The model's image path (sort, chunk of vision_batch_size=3 crops, pack, restore order) vs padded."""
+@pytest.mark.parametrize("packed_chunk", [None, 3])
+def test_model_image_features_and_gradients_equal_with_varlen(ckpt, packed_chunk):
+    """The model's image path (sort, pack all crops in one call or in chunks of model.vision_chunk_crops=3, restore
+    order) vs padded (chunks of the checkpoint's vision_batch_size=3)."""
     xs, ts = crops(), sizes()
     results = []
     for varlen in (False, True):
         model = load_model(ckpt, dtype=torch.float32).train()
         model.vision_varlen = varlen
-        if zero3_like_single_call:
-            model.config.vision_batch_size = 100
+        if varlen:
+            model.vision_chunk = packed_chunk
         feats = model.image_features(xs, ts)
         weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(5))
         (feats * weights).sum().backward()
@@ -180,6 +181,29 @@ def test_model_image_features_and_gradients_equal_with_varlen(ckpt, zero3_like_s
                                          if p.grad is not None and (n.startswith("vpm") or n.startswith("resampler"))}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert_grads_close(results[1][1], results[0][1], min_count=40)
+
+
+@pytest.mark.parametrize("varlen, chunk, calls", [(True, None, 1), (True, 3, 3), (False, None, 3)])
+def test_packed_crops_go_through_the_tower_in_one_call(ckpt, varlen, chunk, calls):
+    """Packed crops run in one vision-tower call per batch (chunks of vision_batch_size only multiplied the tower's
+    kernel launches); model.vision_chunk_crops still chunks them; padded crops keep the checkpoint's
+    vision_batch_size (3 here: 7 crops, 3 calls)."""
+    model = load_model(ckpt, dtype=torch.float32).train()
+    model.vision_varlen, model.vision_chunk = varlen, chunk
+    seen = []
+    model.vpm.register_forward_hook(lambda *a: seen.append(1))
+    model.image_features(crops(), sizes())
+    assert len(seen) == calls
+
+
+def test_vision_chunk_crops_reaches_the_model(ckpt):
+    from raytune_minicpmv.config import load_config
+    from raytune_minicpmv.models.kernels import configure_kernels
+
+    model = load_model(ckpt, dtype=torch.float32)
+    cfg = load_config(None, ["model.vision_chunk_crops=5"], check_paths=False)
+    configure_kernels(model, cfg.model, use_gpu=False)
+    assert model.vision_chunk == 5 and model._vision_chunk(7) == 5
 
 
 def test_model_gradient_checkpointing_applies_to_the_packed_vision_layers(ckpt):
