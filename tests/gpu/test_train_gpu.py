@@ -55,7 +55,7 @@ def test_training_batches_come_pinned_so_their_copies_to_the_gpu_are_asynchronou
         x = torch.as_tensor(b["x"])
         return {"x": x, "crops": [[x.float() * 2, x.float()]], "n": 3}
 
-    cfg = load_config(DEMO, ["train.micro_batch_size=4"])
+    cfg = load_config(DEMO, ["train.micro_batch_size=4"], check_paths=False)
     ray.init(address="local", include_dashboard=False)
     try:
         batches = list(epoch_batches(ray.data.range(8).map(lambda r: {"x": r["id"]}), cfg, collate, drop_last=True))
