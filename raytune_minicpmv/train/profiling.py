@@ -178,11 +178,20 @@ def _origin(e) -> Optional[str]:
     while node is not None:
         if node.name.startswith(AUTOGRAD_NODE):
             return "backward " + node.name[len(AUTOGRAD_NODE):].strip()
-        frames = [f for f in (getattr(node, "stack", None) or []) if "/torch/" not in f and "<built-in" not in f]
+        frames = [f for f in (getattr(node, "stack", None) or []) if not _in_torch(f)]
         if frames:
             return frames[0]
         node = getattr(node, "cpu_parent", None)
     return None
+
+
+def _in_torch(frame: str) -> bool:
+    """A frame of torch's own code (or a builtin). By torch's install folder: a "/torch/" substring also matched
+    every package of an environment installed under e.g. /opt/torch/.venv (the GPU machine's), hiding the frames
+    of transformers, PEFT and Liger."""
+    import torch
+
+    return frame.startswith(os.path.dirname(torch.__file__) + os.sep) or "<built-in" in frame
 
 
 AUTOGRAD_NODE = "autograd::engine::evaluate_function:"

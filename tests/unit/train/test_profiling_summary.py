@@ -1,10 +1,13 @@
 """`train --profile`'s summary (train/profiling.py): the step phases and the top host operators, per step."""
+import os
 import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from raytune_minicpmv.train.profiling import phase, summarize
+
+TORCH = os.path.dirname(torch.__file__)
 
 
 def _profiled_steps(steps: int):
@@ -44,7 +47,7 @@ def test_synchronisations_are_counted_by_the_first_frame_outside_torch():
     from raytune_minicpmv.train.profiling import sync_lines
 
     span = E(start=0.0, end=2000.0)
-    step = E(name="aten::item", stack=["/site/torch/_tensor.py(10): item",
+    step = E(name="aten::item", stack=[f"{TORCH}/_tensor.py(10): item",
                                        "/repo/raytune_minicpmv/models/modeling.py(171): embed_inputs"],
              cpu_parent=None)
     deep = E(name="aten::_local_scalar_dense", stack=[], cpu_parent=step)
@@ -68,7 +71,7 @@ def test_kernel_time_is_booked_to_its_launch_site():
     def k(name, us):
         return E(name=name, device=0, duration=us)
 
-    fwd = E(name="aten::transpose", stack=["/site/torch/nn/functional.py(5): f",
+    fwd = E(name="aten::transpose", stack=[f"{TORCH}/nn/functional.py(5): f",
                                            "/repo/raytune_minicpmv/models/vision.py(124): grouped_attention"],
             cpu_parent=None, kernels=[])
     copy_fwd = E(name="aten::copy_", stack=[], cpu_parent=fwd, kernels=[k("elementwise_kernel<128, 4>", 300.0)] * 2)
@@ -107,3 +110,16 @@ def test_a_synchronisation_without_python_frames_lists_the_operators_above_it():
         node = E(name=name, stack=[], cpu_parent=node)
     out = sync_lines([E(name="cudaStreamSynchronize", stack=[], cpu_parent=node, time_range=span)], steps=1)
     assert out[1] == "      1.0x      1.0 ms  (no Python frame; under aten::copy_ < aten::copy_ < aten::_to_copy < ... < step.forward)"
+
+
+def test_frames_of_packages_in_an_environment_under_a_torch_folder_still_count():
+    """The GPU machine's environment lives in /opt/torch/.venv: only torch's own frames are skipped."""
+    from types import SimpleNamespace as E
+
+    from raytune_minicpmv.train.profiling import sync_lines
+
+    span = E(start=0.0, end=1000.0)
+    liger = "/opt/torch/.venv/lib/python3.12/site-packages/liger_kernel/ops/fused_linear_cross_entropy.py(80): fwd"
+    op = E(name="aten::item", stack=[f"{TORCH}/_tensor.py(10): item", liger], cpu_parent=None)
+    out = sync_lines([E(name="cudaStreamSynchronize", stack=[], cpu_parent=op, time_range=span)], steps=1)
+    assert out[1] == "      1.0x      1.0 ms  " + liger
