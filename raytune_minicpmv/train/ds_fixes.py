@@ -66,12 +66,7 @@ def _has_overflow_serial(self, params) -> bool:  # CheckOverflow's method, same 
     return any_non_finite([p.grad.data for p in params if p.grad is not None])
 
 
-_DEEPSPEED_UNFUSED_STEP = None
-_DEEPSPEED_OVERFLOW_SERIAL = None
-_DEEPSPEED_PRINT_RANK_0 = None
-
-
-_DEEPSPEED_GET_ALL_PARAMETERS = None
+_ORIGINAL: dict = {}  # each replacement below -> DeepSpeed's own function it stands in for
 _OWN_PARAMETERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -108,7 +103,7 @@ def _covered(opt) -> bool:
 @torch.no_grad()
 def _unfused_step(self, closure=None):  # FP16_UnfusedOptimizer.step, same contract
     if closure is not None or not _covered(self):
-        return _DEEPSPEED_UNFUSED_STEP(self, closure)
+        return _ORIGINAL[_unfused_step](self, closure)
     lp = [p for g in self.fp16_groups for p in g]
     hp = [p for g in self.fp32_groups for p in g]
     # DeepSpeed gives a trainable tensor without a gradient a zero fp32 gradient (its moments still decay)
@@ -137,27 +132,26 @@ def _unfused_step(self, closure=None):  # FP16_UnfusedOptimizer.step, same contr
     return self.overflow
 
 
-def apply_ds_fixes() -> list[str]:
-    """Apply the fixes above to the imported DeepSpeed (once per process); the names of those in place."""
-    global _DEEPSPEED_UNFUSED_STEP, _DEEPSPEED_OVERFLOW_SERIAL, _DEEPSPEED_PRINT_RANK_0, _DEEPSPEED_GET_ALL_PARAMETERS
-    if os.environ.get(ENV, "1") == "0":
-        return []
+def _targets() -> list[tuple]:
+    """(owner, attribute, replacement) of each fix, DeepSpeed imported on use."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.utils import CheckOverflow
     from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator as coordinator
 
-    if CheckOverflow.has_overflow_serial is not _has_overflow_serial:
-        _DEEPSPEED_OVERFLOW_SERIAL = CheckOverflow.has_overflow_serial
-        CheckOverflow.has_overflow_serial = _has_overflow_serial
-    if FP16_UnfusedOptimizer.step is not _unfused_step:
-        _DEEPSPEED_UNFUSED_STEP = FP16_UnfusedOptimizer.step
-        FP16_UnfusedOptimizer.step = _unfused_step
-    if partition_parameters.print_rank_0 is not _print_rank_0:
-        _DEEPSPEED_PRINT_RANK_0 = partition_parameters.print_rank_0
-        partition_parameters.print_rank_0 = _print_rank_0
-    if coordinator.get_all_parameters is not _get_all_parameters:
-        _DEEPSPEED_GET_ALL_PARAMETERS = coordinator.get_all_parameters
-        coordinator.get_all_parameters = _get_all_parameters
+    return [(CheckOverflow, "has_overflow_serial", _has_overflow_serial),
+            (FP16_UnfusedOptimizer, "step", _unfused_step),
+            (partition_parameters, "print_rank_0", _print_rank_0),
+            (coordinator, "get_all_parameters", _get_all_parameters)]
+
+
+def apply_ds_fixes() -> list[str]:
+    """Apply the fixes above to the imported DeepSpeed (once per process); the names of those in place."""
+    if os.environ.get(ENV, "1") == "0":
+        return []
+    for owner, name, fix in _targets():
+        if getattr(owner, name) is not fix:
+            _ORIGINAL[fix] = getattr(owner, name)
+            setattr(owner, name, fix)
     _OWN_PARAMETERS.clear()  # a new engine: its modules are listed afresh
     return ["overflow check: one host sync", "ZeRO-0 bf16/fp16 step: multi-tensor",
             "ZeRO-3 silent prints: no rank query", "ZeRO-3 parameter lists: once per module"]
@@ -165,18 +159,6 @@ def apply_ds_fixes() -> list[str]:
 
 def remove_ds_fixes() -> None:
     """DeepSpeed's own code back in place (benchmarks/optimizer_step.py measures both in one process)."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.utils import CheckOverflow
-
-    if CheckOverflow.has_overflow_serial is _has_overflow_serial:
-        CheckOverflow.has_overflow_serial = _DEEPSPEED_OVERFLOW_SERIAL
-    if FP16_UnfusedOptimizer.step is _unfused_step:
-        FP16_UnfusedOptimizer.step = _DEEPSPEED_UNFUSED_STEP
-    from deepspeed.runtime.zero import partition_parameters
-
-    if partition_parameters.print_rank_0 is _print_rank_0:
-        partition_parameters.print_rank_0 = _DEEPSPEED_PRINT_RANK_0
-    from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
-
-    if coordinator.get_all_parameters is _get_all_parameters:
-        coordinator.get_all_parameters = _DEEPSPEED_GET_ALL_PARAMETERS
+    for owner, name, fix in _targets():
+        if getattr(owner, name) is fix:
+            setattr(owner, name, _ORIGINAL[fix])

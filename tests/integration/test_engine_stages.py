@@ -161,12 +161,7 @@ def test_zero3_with_every_layer_recomputed_runs_torchs_linear_and_applies_the_ze
                                       *on)
         assert F.linear is torch._C._nn.linear  # torch's own
         assert losses == pytest.approx(ref_losses, rel=1e-5)
-        import deepspeed
-
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
-            for n in ref:
-                torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
+        assert_zero3_weights_close(engine, ref)
     finally:
         _forget_zero3()
 
@@ -181,16 +176,26 @@ def test_compiled_vision_layers_under_zero3_leaves_apply_the_zero2_update(setup)
         ref_losses, ref, _ = run_steps(ckpt, batches, "deepspeed.zero_stage=2", *on)
         losses, _, engine = run_steps(ckpt, batches, "deepspeed.zero_stage=3", *on, "model.compile_vision=true")
         assert losses == pytest.approx(ref_losses, rel=1e-5)
-        import deepspeed
-
         layers = engine.module.get_base_model().vpm.encoder.layers
         assert all(layer.mlp._compiled_call_impl is not None for layer in layers)
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
-            for n in ref:
-                torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
+        assert_zero3_weights_close(engine, ref)
     finally:
         _forget_zero3()
+
+
+def assert_zero3_weights_close(engine, ref: dict) -> None:
+    """The ZeRO-3 engine's trained weights (gathered) against ZeRO-2's `ref`.
+
+    Adam divides by the gradient's own size: near-zero gradients (LoRA A while B is ~0) turn ZeRO-3's other
+    summation order into weight differences: none with leaf layers, up to 2.3e-4 with DeepSpeed's per-module
+    gathering (transformers 5.24, torch 2.13; 6e-5 with earlier versions), 1 element in 8,192, a few % of the
+    lr-1e-2 step; a missed or stale gather is off by whole steps (and the second loss would differ)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
+        for n in ref:
+            torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
 
 
 def _leaves_vs_zero2(ckpt, batches, capsys, ckpt_on):
@@ -203,14 +208,4 @@ def _leaves_vs_zero2(ckpt, batches, capsys, ckpt_on):
         n_layers = len(base.llm.model.layers) + len(base.vpm.encoder.layers)
         assert (f"ZeRO-3: {n_layers} layers gathered whole" in out) == (leaves == "true")
         assert losses == pytest.approx(ref_losses, rel=1e-5)
-        import deepspeed
-
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([params[n] for n in ref]):
-            for n in ref:
-                # Adam divides by the gradient's own size: near-zero gradients (LoRA A while B is ~0) turn ZeRO-3's
-                # other summation order into weight differences: none with leaf layers, up to 2.3e-4 with DeepSpeed's
-                # per-module gathering (transformers 5.24, torch 2.13; 6e-5 with earlier versions), 1 element in
-                # 8,192, a few % of the lr-1e-2 step; a missed or stale gather is off by whole steps (and the second
-                # loss would differ)
-                torch.testing.assert_close(params[n].detach(), ref[n], rtol=1e-4, atol=5e-4)
+        assert_zero3_weights_close(engine, ref)

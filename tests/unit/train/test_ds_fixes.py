@@ -83,7 +83,7 @@ def test_deepspeeds_own_check_reads_once_per_tensor(bool_calls, monkeypatch):
 
     own = CheckOverflow.has_overflow_serial
     if own is ds_fixes._has_overflow_serial:  # an earlier build_engine in this process applied the fix: the original
-        own = ds_fixes._DEEPSPEED_OVERFLOW_SERIAL
+        own = ds_fixes._ORIGINAL[ds_fixes._has_overflow_serial]
     assert own(CheckOverflow(param_groups=None), _params(n=40)) is False
     assert len(bool_calls) == 40
 

@@ -109,7 +109,8 @@ def test_a_synchronisation_without_python_frames_lists_the_operators_above_it():
     for name in ["step.forward", "CompiledFunction", "aten::to", "aten::_to_copy", "aten::copy_", "aten::copy_"]:
         node = E(name=name, stack=[], cpu_parent=node)
     out = sync_lines([E(name="cudaStreamSynchronize", stack=[], cpu_parent=node, time_range=span)], steps=1)
-    assert out[1] == "      1.0x      1.0 ms  (no Python frame; under aten::copy_ < aten::copy_ < aten::_to_copy < ... < step.forward)"
+    assert out[1] == ("      1.0x      1.0 ms  (no Python frame; under "
+                      "aten::copy_ < aten::copy_ < aten::_to_copy < ... < step.forward)")
 
 
 def test_frames_of_packages_in_an_environment_under_a_torch_folder_still_count():
