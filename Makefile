@@ -6,9 +6,9 @@ VENV    ?= .venv
 TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 # Tests import the package from this checkout by path (as spawned DeepSpeed ranks and Ray workers do too), not
-# through the editable install's finder: tests/integration/test_zero3_model.py's spawned ranks got NaN eval logits
-# under the finder alone in a fresh clone (not yet understood; since then seen with PYTHONPATH too, only while other
-# CPU-heavy work ran next to the suite: non-finite eval logits after one ZeRO-3 step over gloo; quiet reruns pass).
+# through the editable install's finder. (The occasional non-finite eval logits of tests/integration/
+# test_zero3_model.py, once blamed on the finder, were torch.empty memory left in the resampler's in_proj under
+# zero.Init; fixed in models/resampler.py, test in tests/unit/models/test_resampler_layout.py.)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=

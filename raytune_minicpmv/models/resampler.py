@@ -44,7 +44,14 @@ class ResamplerAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        # initialised here, as nn.MultiheadAttention does (xavier-uniform weight, zero bias), not only in
+        # _init_weights: a model built under DeepSpeed's zero.Init is partitioned as each module's __init__ ends, and
+        # transformers' init then writes into empty stubs, which left torch.empty's memory in the weights (the ZeRO-3
+        # test's occasional non-finite step and eval logits). In place: inside from_pretrained transformers swaps
+        # the init functions for no-ops (the checkpoint's values come next). Its own generator: the global RNG stream,
+        # and so every random-weight build of the same seed, stays as it was
+        nn.init.xavier_uniform_(self.in_proj_weight, generator=torch.Generator().manual_seed(0))
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

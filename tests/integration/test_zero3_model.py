@@ -82,7 +82,11 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     engine.step()
     engine.eval()  # eval forward: rank 0 text-only still runs the dummy crop under ZeRO-3
     with torch.no_grad():
-        eval_logits_finite = bool(torch.isfinite(engine(batch).logits).all())
+        eval_logits = engine(batch).logits
+        eval_logits_finite = bool(torch.isfinite(eval_logits).all())
+    # for a failure: where non-finite eval logits come from (once: torch.empty memory in the resampler under zero.Init)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        nonfinite_params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     with deepspeed.zero.GatheredParameters([model.resampler.query]):
         query_sum = float(model.resampler.query.float().sum())
     # The loader under ZeRO-3: with an HfDeepSpeedConfig alive, from_pretrained (inside load_model) builds the model
@@ -101,6 +105,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
         loaded_ok = all(torch.equal(params[n].detach(), ref[n]) for n in names)
     loaded_partitioned = all(hasattr(p, "ds_numel") for p in loaded.parameters())
     result = {"loss": float(loss), "plain_sum": float(plain_sum), "fused_sum": float(loss_sum), "partitioned": partitioned, "query_sum": query_sum, "loaded_ok": loaded_ok, "eval_ok": eval_logits_finite,
+              "eval_nonfinite": int((~torch.isfinite(eval_logits)).sum()), "nonfinite_params": nonfinite_params[:8],
               "loaded_partitioned": loaded_partitioned,
               "local_numel": sum(p.numel() for p in model.parameters()),
               "full_numel": sum(p.ds_numel for p in model.parameters())}
@@ -118,7 +123,7 @@ def test_zero3_init_forward_backward_step(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["partitioned"] and r1["partitioned"]
-    assert r0["eval_ok"] and r1["eval_ok"]
+    assert r0["eval_ok"] and r1["eval_ok"], (r0, r1)
     assert r0["loaded_partitioned"] and r0["loaded_ok"] and r1["loaded_ok"]  # load_model under ZeRO-3
     assert r0["local_numel"] < r0["full_numel"]  # each rank holds only its shard
     assert torch.isfinite(torch.tensor([r0["loss"], r1["loss"]])).all()

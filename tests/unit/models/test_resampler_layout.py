@@ -145,3 +145,17 @@ def test_the_three_layer_norms_use_the_remote_codes_eps():
     checkpoint's small activations the two give visibly different features."""
     resampler = Resampler(num_queries=2, embed_dim=DIM, kv_dim=64, max_size=(2, 2))
     assert [m.eps for m in (resampler.ln_q, resampler.ln_kv, resampler.ln_post)] == [1e-6] * 3
+
+
+def test_the_resampler_attention_initialises_its_own_projection():
+    """Built under DeepSpeed's zero.Init, a module is partitioned as its __init__ ends and transformers' weight init
+    only reaches empty stubs: what __init__ leaves is what trains. xavier-uniform weight, zero bias, as
+    nn.MultiheadAttention (torch.empty left arbitrary memory there: non-finite ZeRO-3 steps now and then)."""
+    from raytune_minicpmv.models.resampler import ResamplerAttention
+
+    for _ in range(3):
+        attn = ResamplerAttention(64, 4)
+        bound = (6.0 / (64 + 3 * 64)) ** 0.5
+        w = attn.in_proj_weight.detach()
+        assert torch.isfinite(w).all() and w.abs().max() <= bound and w.abs().max() > bound / 2
+        assert torch.equal(attn.in_proj_bias.detach(), torch.zeros(3 * 64))
