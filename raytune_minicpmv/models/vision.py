@@ -188,7 +188,9 @@ class NavitEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [B, C, 1, Nmax]
-        x = x.flatten(2).transpose(1, 2)
+        # row-major [B, N, C]: left a transposed view, its channel-major layout propagated through every residual
+        # add of the tower (each layer norm then copied its input and its gradient; ~2 strided copies a layer)
+        x = x.flatten(2).transpose(1, 2).contiguous()
         return x + self.position_embedding(position_ids)
 
 
