@@ -49,6 +49,19 @@ from .vision import NavitSiglipVisionTower
 DUMMY_TGT = (4, 4)  # patch grid of the zero-contribution crop of text-only training batches
 
 
+def llm_position_ids(position_ids: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """The LLM's `position_ids`: None for host rows that are each 0..L-1 (unpacked batches: the LLM's own default,
+    the same positions), so transformers skips its packed-sequence check, a device-to-host read every forward;
+    otherwise (packed rows restarting per sample, or any tensor already on a device) the ids on `device`."""
+    if position_ids is None:
+        return None
+    if position_ids.device.type == "cpu" and position_ids.dim() == 2:
+        steps = torch.arange(position_ids.shape[1], dtype=position_ids.dtype)
+        if bool((position_ids == steps).all()):
+            return None
+    return position_ids.to(device, non_blocking=True).long()
+
+
 @dataclass
 class LossOutput(ModelOutput):
     """`model(batch, loss_only=True)`: float32 CE sum over labels != -100 and their count (a long tensor)."""
@@ -71,6 +84,9 @@ class MiniCPMVBase(PreTrainedModel):
     vision_chunk: Optional[int] = None  # model.vision_chunk_crops (None: see image_features)
     fused_ce = False  # the training loop asks for loss_only=True (kernels.uses_fused_loss)
     fused_ce_impl = "torch"  # loss_only=True: "torch" (chunked, loss.py) or "liger" (set by kernels.py)
+    # batch keys the forward reads on the host (shapes, spans, the check for packed positions): the train loop
+    # leaves them there (worker.to_device), so the forward never waits on the GPU to read them back
+    host_batch_keys = ("image_bound", "tgt_sizes", "position_ids")
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -161,7 +177,7 @@ class MiniCPMVBase(PreTrainedModel):
         h, w = DUMMY_TGT
         p = self.config.patch_size
         crop = torch.zeros(3, p, h * w * p, device=device)
-        return self.image_features([crop], torch.tensor([[h, w]], device=device))
+        return self.image_features([crop], torch.tensor([[h, w]]))
 
     # ---- forward
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, tgt_sizes=None,
@@ -172,22 +188,22 @@ class MiniCPMVBase(PreTrainedModel):
         crops, sizes, positions = [], [], []
         for i in range(batch):
             sample_crops = list(pixel_values[i]) if pixel_values is not None else []
-            bounds = image_bound[i] if image_bound is not None else []
-            bounds = torch.as_tensor(bounds, dtype=torch.long).reshape(-1, 2)
-            if len(sample_crops) != len(bounds):
-                raise ValueError(f"sample {i}: {len(sample_crops)} image crops but {len(bounds)} image_bound spans; "
+            # spans and sizes are read on the host (the train loop keeps them there: host_batch_keys)
+            bounds = torch.as_tensor(image_bound[i] if image_bound is not None else [], dtype=torch.long)
+            spans = bounds.reshape(-1, 2).tolist()
+            if len(sample_crops) != len(spans):
+                raise ValueError(f"sample {i}: {len(sample_crops)} image crops but {len(spans)} image_bound spans; "
                                  "the data stage must emit one span per crop")
             if len(sample_crops) == 0:
                 continue
-            spans = bounds[:, 1] - bounds[:, 0]
-            if bool((spans != self.config.query_num).any()) or int(bounds.max()) > length:
-                raise ValueError(f"sample {i}: image_bound spans {bounds.tolist()} must each hold query_num="
+            if any(e - s != self.config.query_num or e > length for s, e in spans):
+                raise ValueError(f"sample {i}: image_bound spans {spans} must each hold query_num="
                                  f"{self.config.query_num} positions inside the sequence (length {length})")
             crops += sample_crops
-            sizes.append(torch.as_tensor(tgt_sizes[i]).reshape(-1, 2))
-            positions.append(i * length + torch.cat([torch.arange(s, e) for s, e in bounds.tolist()]))
+            sizes.append(torch.as_tensor(tgt_sizes[i]).reshape(-1, 2).cpu())
+            positions.append(i * length + torch.cat([torch.arange(s, e) for s, e in spans]))
         if crops:
-            feats = self.image_features(crops, torch.cat(sizes).to(emb.device))
+            feats = self.image_features(crops, torch.cat(sizes))
             index = torch.cat(positions).to(emb.device)
             emb = emb.reshape(batch * length, dim).index_copy(0, index, feats.reshape(-1, dim)).reshape(emb.shape)
         elif self.training or self.zero3_partitioned:
@@ -201,9 +217,8 @@ class MiniCPMVBase(PreTrainedModel):
         batch = {**(batch or {}), **kwargs}
         emb = self.embed_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("tgt_sizes"),
                                 batch.get("image_bound"))
-        position_ids = batch.get("position_ids")
-        position_ids = None if position_ids is None else position_ids.long()
         packed = packed_llm_kwargs(batch)  # packed rows (data.packing): varlen backends also get cu_seq_lens
+        position_ids = llm_position_ids(batch.get("position_ids"), emb.device)
         if not loss_only:
             return self.llm(inputs_embeds=emb, position_ids=position_ids, use_cache=False, **packed)
         decoder = getattr(self.llm, self.llm.base_model_prefix)

@@ -312,6 +312,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
     from ..models.loss import batch_loss, with_label_positions
 
     fused = uses_fused_loss(engine.module)  # model.fused_ce: the loss from hidden states, no logits
+    host = host_batch_keys(engine.module)
     with Timer() as step_t:
         with Timer() as wait_t, phase("data"):
             micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
@@ -326,7 +327,7 @@ def train_step(engine, batches: Iterator[dict], cfg: Config, world: int):
         lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on inside engine.step)
         for b in micro:
             with phase("to_device"):
-                b = to_device(with_label_positions(b) if fused else b, engine.device)
+                b = to_device(with_label_positions(b) if fused else b, engine.device, host)
             with phase("forward"):
                 loss_sum, _ = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
             with phase("backward"):
@@ -364,7 +365,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
                           op=dist.ReduceOp.MIN)
         if not have.item():
             break
-        b = to_device(batch, engine.device)
+        b = to_device(batch, engine.device, host_batch_keys(engine.module))
         loss_sum, n_tok = batch_loss(engine, b, uses_fused_loss(engine.module), cfg.model.family,
                                    cfg.model.downsample_mode)
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
@@ -398,12 +399,20 @@ def pinned(obj):
     return obj
 
 
-def to_device(obj, device):
-    """Move the collate dict (tensors, lists of tensors) to the engine's device."""
+def host_batch_keys(model) -> tuple:
+    """The batch keys the model's forward reads on the host (MiniCPMVBase.host_batch_keys: image spans, crop sizes,
+    position ids); () for models that expect the whole batch on their device (remote code, the 4.x families)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return tuple(getattr(base, "host_batch_keys", ()))
+
+
+def to_device(obj, device, keep: tuple = ()):
+    """Move the collate dict (tensors, lists of tensors) to the engine's device; the top-level keys in `keep` stay
+    on the host (`host_batch_keys`)."""
     if torch.is_tensor(obj):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: v if k in keep else to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj

@@ -1,0 +1,123 @@
+"""A training forward and backward never read a device tensor back on the host.
+
+Each such read (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) drains the GPU's queue: the recipe's profile on the
+H200 counted 17 `.item()` reads and ~16 device-to-host copies per step in the forward, from the per-sample
+`image_bound` checks, the crop sizes' round trip and transformers' packed-sequence check of `position_ids`. The fix:
+the model names the batch keys it reads on the host (`MiniCPMVBase.host_batch_keys`), the train loop leaves them
+there (`worker.to_device(..., keep)`), and unpacked 0..L-1 position ids are not passed at all.
+
+How it is tested on a CPU: every tensor the train loop moves "to the device" is marked (a tensor subclass whose
+results stay marked, like a CUDA tensor's); any host read of a marked tensor raises, naming the read.
+
+Run: pytest tests/unit/train/test_host_reads.py   (~10 s)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytune_minicpmv.config.schema import LoraConfig, TrainableConfig
+from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_model
+from raytune_minicpmv.models.kernels import configure_kernels
+from raytune_minicpmv.models.loss import IGNORE_INDEX, batch_loss, with_label_positions
+from raytune_minicpmv.train.worker import host_batch_keys, to_device
+
+_READS = {"item", "tolist", "__bool__", "cpu", "numpy", "__int__", "__float__", "__index__"}
+
+
+class OnDevice(torch.Tensor):
+    """Stands for a tensor on the GPU: what is computed from it is one too; reading it on the host raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in _READS:
+            raise AssertionError(f"host read of a device tensor: {name}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def on_device(obj):
+    if torch.is_tensor(obj):
+        return obj.as_subclass(OnDevice)
+    if isinstance(obj, dict):
+        return {k: on_device(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_device(v) for v in obj)
+    return obj
+
+
+def moved(batch: dict, keep: tuple) -> dict:
+    """What the train loop's to_device hands the model: the kept keys as they were, the rest on the device."""
+    out = to_device(batch, torch.device("cpu"), keep)
+    return {k: v if k in keep else on_device(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny("minicpmv2_6", tmp_path_factory.mktemp("tiny"), query_num=16)
+
+
+def batch(with_images: bool = True, length: int = 60) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, length), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -15:], labels[1, 40:50] = ids[0, -15:], ids[1, 40:50]
+    crops = [[torch.randn(3, 14, 14 * 12, generator=g), torch.randn(3, 14, 14 * 6, generator=g)],
+             [torch.randn(3, 14, 14 * 12, generator=g)]] if with_images else [[], []]
+    sizes = [torch.tensor([[3, 4], [2, 3]], dtype=torch.int32), torch.tensor([[4, 3]], dtype=torch.int32)]
+    bounds = [torch.tensor([[2, 18], [20, 36]]), torch.tensor([[2, 18]])]
+    if not with_images:
+        sizes, bounds = [torch.zeros(0, 2, dtype=torch.int32)] * 2, [torch.zeros(0, 2, dtype=torch.long)] * 2
+    return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(length).repeat(2, 1), pixel_values=crops, tgt_sizes=sizes,
+                image_bound=bounds)
+
+
+def model_for(ckpt, varlen: bool, fused: bool):
+    model = load_model(ckpt, dtype=torch.float32).train()
+    configure_kernels(model, type("M", (), {"fused_ce": fused, "vision_varlen": varlen})(), use_gpu=False)
+    return apply_trainable_policy(model, TrainableConfig(vision="full", llm="lora", resampler="full"),
+                                  LoraConfig(r=4))
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["packed_crops", "padded_crops"])
+@pytest.mark.parametrize("with_images", [True, False], ids=["images", "text_only"])
+def test_a_training_step_reads_nothing_back_from_the_device(ckpt, varlen, with_images):
+    model = model_for(ckpt, varlen, fused=True)
+    keep = host_batch_keys(model)
+    assert set(keep) == {"image_bound", "tgt_sizes", "position_ids"}  # through the PEFT wrapper
+    total, count = batch_loss(model, moved(with_label_positions(batch(with_images)), keep), fused=True)
+    total.backward()
+    assert isinstance(total, OnDevice) and int(count) == 25
+
+
+def test_the_marking_catches_a_host_read():
+    """Control: the same step with every key moved (the loop as it was) reads spans back on the host."""
+    model = model_for(build_tiny("minicpmv2_6", __import__("tempfile").mkdtemp(), query_num=16), True, True)
+    with pytest.raises(AssertionError, match="host read of a device tensor"):
+        batch_loss(model, moved(with_label_positions(batch()), ()), fused=True)
+
+
+def test_plain_positions_left_to_the_llm_give_the_same_loss_and_gradients(ckpt, monkeypatch):
+    """Unpacked rows' 0..L-1 positions are left to the LLM (not passed): the same loss and gradients as passing
+    them, and packed rows (positions restarting per sample) are still passed."""
+    from raytune_minicpmv.models import modeling
+
+    results = []
+    for passed in (False, True):
+        if passed:  # the reference: the ids given to the LLM as they are
+            monkeypatch.setattr(modeling, "llm_position_ids", lambda ids, device: ids.to(device).long())
+        torch.manual_seed(0)
+        model = model_for(ckpt, True, fused=True).eval()  # eval: no LoRA dropout, the same math twice
+        total, _ = batch_loss(model, with_label_positions(batch()), fused=True)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 20
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=0, msg=name)
+    monkeypatch.undo()
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    assert modeling.llm_position_ids(torch.arange(7).repeat(2, 1), torch.device("cpu")) is None
+    assert torch.equal(modeling.llm_position_ids(packed, torch.device("cpu")), packed)
