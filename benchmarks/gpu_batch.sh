@@ -28,6 +28,10 @@
 #   bash benchmarks/gpu_batch.sh pin       # profile of recommended_compiled (kernels by launch site), then the recipe with
 #                                          # pinned (default) and pageable micro-batches
 #   bash benchmarks/gpu_batch.sh chunk     # packed crops in vision_batch_size chunks vs one tower call; pinned-batch test
+#   bash benchmarks/gpu_batch.sh ab        # the recipe under earlier code trees and this one, in one call:
+#                                          # TREES="name=path ..." (each a `git archive <commit> raytune_minicpmv
+#                                          # benchmarks` unpacked, e.g. under .gpu/), then this checkout as "head";
+#                                          # PROFILE=1 profiles head's recipe after them
 #
 # Work folders live under .gpuwork/ (git-ignored), so a later part on the same machine reuses the model and rows.
 set -u
@@ -169,6 +173,23 @@ case "${1:-}" in
         --settings "" --profile $s --deadline-s 190 2>&1 | grep -v "Loading\|shards" | grep -A75 "profile of" | head -75
     done
     ;;
-  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves|vleaves|launcher2|recipe|host3|host3b|profile2"
+  ab)
+    # one setting (AB_SETTING, default the recipe) under each earlier tree, then this checkout, one machine: the code
+    # change's effect as a ratio inside one call (the cards differ by up to 30 %); each row tagged with its tree
+    timeout 200 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --settings "" 2>&1 | grep "ready\|rc="
+    for tree in ${TREES:-} head="$PWD"; do
+      name=${tree%%=*}; dir=${tree#*=}
+      timeout ${AB_RUN_S:-170} python3 "$dir/benchmarks/real_path.py" --work "$W" --logs "$OUT/logs_$name" \
+        --tokenizer "$PWD/tests/assets/minicpmv26_tokenizer" --out "$OUT/real_path_ab_$name.jsonl" \
+        --settings "${AB_SETTING:-recommended_compiled}" --deadline-s $(( ${AB_RUN_S:-170} - 5 )) 2>&1 \
+        | grep -v "Loading\|shards" | grep -v "^(RayTrainWorker" | tail -2 | sed "s/^/[$name] /"
+    done
+    if [ -n "${PROFILE:-}" ]; then
+      timeout 190 python3 benchmarks/real_path.py --work "$W" --logs "$OUT/logs" --out "$OUT/real_path_ab_profile.jsonl" \
+        --settings "" --profile "${AB_SETTING:-recommended_compiled}" --deadline-s 185 2>&1 | grep -v "Loading\|shards" \
+        | grep -A90 "profile of" | head -90
+    fi
+    ;;
+  *) echo "usage: $0 tests|levers|v46|v46ray|launcher|attention|targets|profile|syncs|fixes|leaves|vleaves|launcher2|recipe|host3|host3b|profile2|pin|chunk|ab"
      exit 2 ;;
 esac
