@@ -48,10 +48,13 @@ class ResamplerAttention(nn.Module):
         # initialised here, as nn.MultiheadAttention does (xavier-uniform weight, zero bias), not only in
         # _init_weights: a model built under DeepSpeed's zero.Init is partitioned as each module's __init__ ends, and
         # transformers' init then writes into empty stubs, which left torch.empty's memory in the weights (the ZeRO-3
-        # test's occasional non-finite step and eval logits). In place: inside from_pretrained transformers swaps
-        # the init functions for no-ops (the checkpoint's values come next). Its own generator: the global RNG stream,
-        # and so every random-weight build of the same seed, stays as it was
-        nn.init.xavier_uniform_(self.in_proj_weight, generator=torch.Generator().manual_seed(0))
+        # test's occasional non-finite step and eval logits). Drawn on the CPU from a private generator (the global
+        # RNG stream, and so every random-weight build of a seed, stays as it was; a CPU generator can't fill a
+        # tensor made under `with torch.device("cuda")`) and copied in (a no-op on meta; checkpoint values come next)
+        bound = (6.0 / (dim + 3 * dim)) ** 0.5
+        draw = torch.rand(3 * dim, dim, generator=torch.Generator().manual_seed(0), device="cpu")
+        with torch.no_grad():
+            self.in_proj_weight.copy_(draw.mul_(2 * bound).sub_(bound))
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

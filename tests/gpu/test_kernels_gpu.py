@@ -223,3 +223,14 @@ def test_compiled_vision_layers_after_peft_train_the_trained_copy(tmp_path):
         assert trained and all(p.grad is not None for p in trained)
         feats.append(out.detach())
     torch.testing.assert_close(feats[1], feats[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_resampler_attention_builds_on_the_gpu_device():
+    """Built under `with torch.device("cuda")` (the benchmark's workload build, accelerate-style loaders): its own
+    in_proj init draws on the CPU and copies in (a CPU generator can't fill a CUDA tensor)."""
+    from raytune_minicpmv.models.resampler import ResamplerAttention
+
+    with torch.device("cuda"):
+        attn = ResamplerAttention(64, 4)
+    w = attn.in_proj_weight.detach()
+    assert w.is_cuda and bool(torch.isfinite(w).all()) and 0 < float(w.abs().max()) <= (6.0 / 256) ** 0.5
