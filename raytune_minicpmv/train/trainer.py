@@ -189,7 +189,23 @@ def build_trainer(cfg: Config, run_name: Optional[str] = None, callbacks: Option
             logging_config=LoggingConfig(log_level=ray_train_log_level()),  # Train's own INFO lines: DEBUG only
             callbacks=list(callbacks or [])),
         datasets=datasets,
+        dataset_config=ingest_config(),
     )
+
+
+def ingest_config():
+    """Ray Train's DataConfig for a run: Ray Data's ingest defaults, with the stream kept in the data's order.
+
+    Ray Data hands out blocks as their tasks finish by default (`preserve_order=False`), so one config's runs saw
+    different batch sequences, and a resumed run, which skips the micro-batches it had consumed, would have
+    skipped others (some samples twice in that epoch, some never). Blocks finished early wait in the object store
+    for their turn. The GPU benchmarks' data wait was ≈ 0 % of the step without it (docs/PERFORMANCE.md), which
+    leaves that room; test: tests/integration/test_ingest_order.py."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def checkpoint_config(tr: TrainConfig, has_eval: bool):
