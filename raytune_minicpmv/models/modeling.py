@@ -106,8 +106,7 @@ class MiniCPMVBase(PreTrainedModel):
             init.copy_(module.pos_embed, sincos_2d(module.embed_dim, *module.max_size))
         elif isinstance(module, ResamplerAttention):
             # xavier-uniform bound of the [3D, D] matrix, written shape-free (ZeRO-3 partitions are 1-D)
-            dim = module.out_proj.in_features
-            bound = (6.0 / (dim + 3 * dim)) ** 0.5
+            bound = module.in_proj_bound(module.out_proj.in_features)
             init.uniform_(module.in_proj_weight, -bound, bound)
             init.zeros_(module.in_proj_bias)
 

@@ -51,11 +51,16 @@ class ResamplerAttention(nn.Module):
         # test's occasional non-finite step and eval logits). Drawn on the CPU from a private generator (the global
         # RNG stream, and so every random-weight build of a seed, stays as it was; a CPU generator can't fill a
         # tensor made under `with torch.device("cuda")`) and copied in (a no-op on meta; checkpoint values come next)
-        bound = (6.0 / (dim + 3 * dim)) ** 0.5
+        bound = self.in_proj_bound(dim)
         draw = torch.rand(3 * dim, dim, generator=torch.Generator().manual_seed(0), device="cpu")
         with torch.no_grad():
             self.in_proj_weight.copy_(draw.mul_(2 * bound).sub_(bound))
         self.out_proj = nn.Linear(dim, dim)
+
+    @staticmethod
+    def in_proj_bound(dim: int) -> float:
+        """The xavier-uniform bound of the `[3 * dim, dim]` in_proj matrix."""
+        return (6.0 / (dim + 3 * dim)) ** 0.5
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None, runs: CropRuns | None = None) -> torch.Tensor:

@@ -358,6 +358,7 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     it = epoch_batches(shard, cfg, collate, drop_last=False)
+    fused, host = uses_fused_loss(engine.module), host_batch_keys(engine.module)
     n = 0
     while cfg.train.eval_max_batches is None or n < cfg.train.eval_max_batches:
         batch = next(it, None)
@@ -365,9 +366,8 @@ def evaluate(engine, cfg: Config) -> Optional[float]:
                           op=dist.ReduceOp.MIN)
         if not have.item():
             break
-        b = to_device(batch, engine.device, host_batch_keys(engine.module))
-        loss_sum, n_tok = batch_loss(engine, b, uses_fused_loss(engine.module), cfg.model.family,
-                                   cfg.model.downsample_mode)
+        b = to_device(batch, engine.device, host)
+        loss_sum, n_tok = batch_loss(engine, b, fused, cfg.model.family, cfg.model.downsample_mode)
         totals += torch.tensor([float(loss_sum), float(n_tok)], dtype=torch.float64)
         n += 1
     engine.train()

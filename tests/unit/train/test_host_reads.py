@@ -91,9 +91,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(ckpt, varlen, with_i
     assert isinstance(total, OnDevice) and int(count) == 25
 
 
-def test_the_marking_catches_a_host_read():
+def test_the_marking_catches_a_host_read(ckpt):
     """Control: the same step with every key moved (the loop as it was) reads spans back on the host."""
-    model = model_for(build_tiny("minicpmv2_6", __import__("tempfile").mkdtemp(), query_num=16), True, True)
+    model = model_for(ckpt, True, True)
     with pytest.raises(AssertionError, match="host read of a device tensor"):
         batch_loss(model, moved(with_label_positions(batch()), ()), fused=True)
 
