@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .transfer import to_device
+
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +160,7 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head:
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_l = labels.reshape(-1).to(flat_h.device).long()
     keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
-    n_tokens = torch.tensor(keep.numel(), device=flat_h.device)
+    n_tokens = to_device(torch.tensor(keep.numel()), flat_h.device)  # a torch.tensor(device=cuda) syncs
     if keep.numel() == 0:
         return head(flat_h[:0]).float().sum(), n_tokens
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, flat_h.index_select(0, keep),

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .transfer import to_device
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 26  # logits elements per float32 chunk (256 MiB)
 
@@ -78,7 +80,7 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_l = labels.reshape(-1).to(flat_h.device).long()
     keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
-    n_tokens = torch.tensor(keep.numel(), device=flat_h.device)
+    n_tokens = to_device(torch.tensor(keep.numel()), flat_h.device)  # a torch.tensor(device=cuda) syncs
     rows_h, rows_l = flat_h.index_select(0, keep), flat_l.index_select(0, keep)
     if single_call:
         logits = head(rows_h)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transfer import to_device
 from .vision import CropRuns
 
 
@@ -118,7 +119,7 @@ class Resampler(nn.Module):
         max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
         if max_h > self.max_size[0] or max_w > self.max_size[1]:
             self.reset_pos_embed(max(max_h, self.max_size[0]), max(max_w, self.max_size[1]))
-        return self.pos_embed.to(device=device)
+        return to_device(self.pos_embed, device)  # the buffer is there already unless its table grew
 
     def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """x `[B, Nmax, kv_dim]` (padded patches), tgt_sizes `[B, 2]` → `[B, Q, D]`.
@@ -129,16 +130,16 @@ class Resampler(nn.Module):
         b, n_max = x.shape[:2]
         sizes = tgt_sizes.tolist()
         pos_table = self._pos_table(sizes, x.device)
-        padding = torch.ones(b, n_max, dtype=torch.bool, device=x.device)
-        rows = []
-        for i, (h, w) in enumerate(sizes):
-            rows.append(F.pad(pos_table[:h, :w].reshape(h * w, -1), (0, 0, 0, n_max - h * w)))
-            padding[i, : h * w] = False
+        rows = [F.pad(pos_table[:h, :w].reshape(h * w, -1), (0, 0, 0, n_max - h * w)) for h, w in sizes]
         pos = torch.stack(rows).to(x.dtype)
+        # the key padding mask from the host sizes (None when no crop is padded), queued to the device
+        padded = any(h * w < n_max for h, w in sizes)
+        padding = to_device(torch.arange(n_max)[None, :] >= torch.tensor([h * w for h, w in sizes])[:, None],
+                            x.device) if padded else None
 
         x = self.ln_kv(self.kv_proj(x))
         q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)
-        out = self.attn(q, x + pos, x, padding if bool(padding.any()) else None)
+        out = self.attn(q, x + pos, x, padding)
         return self.ln_post(out) @ self.proj
 
     def _forward_packed(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ from transformers import Idefics2VisionConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
 
+from .transfer import to_device
+
 
 @functools.lru_cache(maxsize=None)
 def _bucket_coords(n: int, side: int) -> torch.Tensor:
@@ -53,7 +55,7 @@ def _bucket_coords(n: int, side: int) -> torch.Tensor:
 
 
 def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_patches: int) -> torch.Tensor:
-    """`[B, max_patches]` position ids (on `tgt_sizes.device`) into the `side x side` table; padding slots get 0.
+    """`[B, max_patches]` position ids (on the host) into the `side x side` table; padding slots get 0.
 
     Patch (r, c) of an h x w crop gets `bucket_h[r] * side + bucket_w[c]` (raster order), where the buckets are
     the remote code's: `bucketize(arange(0, 1 - 1e-6, 1/n), arange(1/side, 1.0, 1/side), right=True)`, in float32
@@ -62,7 +64,7 @@ def navit_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int, max_p
     out = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long)
     for i, (h, w) in enumerate(tgt_sizes.tolist()):
         out[i, : h * w] = _crop_position_ids(h, w, num_patches_per_side)
-    return out.to(tgt_sizes.device)
+    return out
 
 
 def _crop_position_ids(h: int, w: int, side: int) -> torch.Tensor:
@@ -71,9 +73,8 @@ def _crop_position_ids(h: int, w: int, side: int) -> torch.Tensor:
 
 
 def packed_position_ids(tgt_sizes: torch.Tensor, num_patches_per_side: int) -> torch.Tensor:
-    """`[T]` position ids of crops packed side by side (crop i's h*w ids, then crop i+1's), on `tgt_sizes.device`."""
-    ids = [_crop_position_ids(h, w, num_patches_per_side) for h, w in tgt_sizes.tolist()]
-    return torch.cat(ids).to(tgt_sizes.device)
+    """`[T]` position ids (on the host) of crops packed side by side (crop i's h*w ids, then crop i+1's)."""
+    return torch.cat([_crop_position_ids(h, w, num_patches_per_side) for h, w in tgt_sizes.tolist()])
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,11 @@ class NavitSiglipVisionTower(nn.Module):
             valid = None
         else:
             position_ids = navit_position_ids(tgt_sizes, side, n_max)
-            n_valid = (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(pixel_values.device)
-            valid = torch.arange(n_max, device=pixel_values.device)[None, :] < n_valid[:, None]  # [B, Nmax]
-        hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device))
+            n_valid = tgt_sizes[:, 0] * tgt_sizes[:, 1]
+            # [B, Nmax], built where the sizes are (the host, in training) and queued to the device
+            valid = to_device(torch.arange(n_max, device=n_valid.device)[None, :] < n_valid[:, None],
+                              pixel_values.device)
+        hidden = self.embeddings(pixel_values, to_device(position_ids, pixel_values.device))
         # The mask in the form the attention implementation needs (eager adds it to the scores, so a bool mask
         # there would add 0/1 instead of masking); None when nothing is padded, so SDPA picks its fastest kernel.
         mask = None if valid is None else create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
@@ -253,9 +256,9 @@ class NavitSiglipVisionTower(nn.Module):
             raise ValueError(f"packed pixels {tuple(pixel_values.shape)}: expected [1, 3, {self.config.patch_size}, "
                              f"{runs.total * self.config.patch_size}] for tgt_sizes {tgt_sizes.tolist()}")
         position_ids = packed_position_ids(tgt_sizes, self.embeddings.num_patches_per_side)
-        hidden = self.embeddings(pixel_values, position_ids.to(pixel_values.device)[None])[0]  # [T, C]
+        hidden = self.embeddings(pixel_values, to_device(position_ids, pixel_values.device)[None])[0]  # [T, C]
         packed = PackedCrops(runs)
         if getattr(self, "crop_attention", "grouped") == "varlen":  # models.kernels (model.vision_attention)
-            cu = torch.tensor(runs.cu_seqlens(), dtype=torch.int32).to(hidden.device, non_blocking=True)
+            cu = to_device(torch.tensor(runs.cu_seqlens(), dtype=torch.int32), hidden.device)
             packed = PackedCrops(runs, (cu, runs.longest))
         return self.post_layernorm(self.encoder(hidden, packed))

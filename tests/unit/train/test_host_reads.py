@@ -9,12 +9,21 @@ there (`worker.to_device(..., keep)`), and unpacked 0..L-1 position ids are not 
 How it is tested on a CPU: every tensor the train loop moves "to the device" is marked (a tensor subclass whose
 results stay marked, like a CUDA tensor's); any host read of a marked tensor raises, naming the read.
 
+The other way a forward drains the GPU's queue is a blocking host-to-device copy (`.to(cuda)` of a host tensor,
+`torch.tensor(..., device=cuda)`: torch syncs the stream before it copies). The forward builds small index tensors
+on the host; they go through `models.transfer.to_device` (pinned, `non_blocking`). On a CPU, a function mode records
+every move of an unmarked (host) tensor to a device that is not queued. tests/gpu/test_host_syncs_gpu.py checks
+both kinds on a GPU under torch's sync debug mode.
+
 Run: pytest tests/unit/train/test_host_reads.py   (~10 s)
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from raytune_minicpmv.config.schema import LoraConfig, TrainableConfig
 from raytune_minicpmv.models import apply_trainable_policy, build_tiny, load_model
@@ -34,6 +43,28 @@ class OnDevice(torch.Tensor):
         if name in _READS:
             raise AssertionError(f"host read of a device tensor: {name}")
         return super().__torch_function__(func, types, args, kwargs)
+
+
+class BlockingCopies(TorchFunctionMode):
+    """Records host tensors moved to a device without `non_blocking=True`, and tensors made from host data with a
+    `device` (both a stream sync before the copy on CUDA)."""
+
+    def __init__(self, scope: str = "/raytune_minicpmv/"):
+        super().__init__()
+        self.scope, self.seen = scope, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # only this package's calls: a library's `.to(device)` of its own buffer (RoPE's inv_freq, a mask) is on
+        # the GPU already there, the CPU can't tell; the GPU test covers every caller
+        if self.scope not in sys._getframe(1).f_code.co_filename:
+            return func(*args, **kwargs)
+        if func is torch.Tensor.to and type(args[0]) is torch.Tensor and not kwargs.get("non_blocking", False):
+            if kwargs.get("device") is not None or any(isinstance(a, (torch.device, str)) for a in args[1:]):
+                self.seen.append(f"Tensor.to{tuple(a for a in args[1:] if not torch.is_tensor(a))}")
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            self.seen.append(f"{func.__name__}(..., device={kwargs['device']})")
+        return func(*args, **kwargs)
 
 
 def on_device(obj):
@@ -89,6 +120,28 @@ def test_a_training_step_reads_nothing_back_from_the_device(ckpt, varlen, with_i
     total, count = batch_loss(model, moved(with_label_positions(batch(with_images)), keep), fused=True)
     total.backward()
     assert isinstance(total, OnDevice) and int(count) == 25
+
+
+@pytest.mark.parametrize("varlen", [True, False], ids=["packed_crops", "padded_crops"])
+@pytest.mark.parametrize("with_images", [True, False], ids=["images", "text_only"])
+def test_a_training_step_queues_every_host_to_device_copy(ckpt, varlen, with_images):
+    model = model_for(ckpt, varlen, fused=True)
+    b = moved(with_label_positions(batch(with_images)), host_batch_keys(model))
+    with BlockingCopies() as copies:
+        total, _ = batch_loss(model, b, fused=True)
+        total.backward()
+    assert copies.seen == []
+
+
+def test_the_copy_recorder_sees_a_blocking_copy():
+    """Control: the recorder sees the two forms a forward used (the vision position ids' `.to(device)`, the fused
+    loss's token count made with `torch.tensor(..., device=...)`), and lets a queued copy pass."""
+    with BlockingCopies(scope=__file__) as copies:
+        torch.arange(4).to(torch.device("cpu"))
+        torch.tensor(3, device="cpu")
+        torch.arange(4).to("cpu", non_blocking=True)
+        torch.arange(4).to(torch.float32)
+    assert copies.seen == ["Tensor.to(device(type='cpu'),)", "tensor(..., device=cpu)"]
 
 
 def test_the_marking_catches_a_host_read(ckpt):
