@@ -35,8 +35,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .transfer import to_device
-
 log = logging.getLogger(__name__)
 
 
@@ -155,16 +153,12 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head:
     """Liger's fused linear + CE (Triton), sum over labels != -100, on the labelled rows only."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    from .loss import labelled_positions
+    from .loss import labelled_rows
 
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_l = labels.reshape(-1).to(flat_h.device).long()
-    keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
-    n_tokens = to_device(torch.tensor(keep.numel()), flat_h.device)  # a torch.tensor(device=cuda) syncs
-    if keep.numel() == 0:
-        return head(flat_h[:0]).float().sum(), n_tokens
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, flat_h.index_select(0, keep),
-                                                             flat_l.index_select(0, keep), head.bias)
+    rows_h, rows_l, n_tokens = labelled_rows(hidden, labels, label_positions)
+    if rows_l.numel() == 0:
+        return head(rows_h).float().sum(), n_tokens
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, rows_h, rows_l, head.bias)
     return loss.float(), n_tokens
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .transfer import to_device
+from .transfer import host_to_device
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 26  # logits elements per float32 chunk (256 MiB)
@@ -67,6 +67,18 @@ def with_label_positions(batch: dict) -> dict:
     return {**batch, "label_positions": labelled_positions(batch["labels"])}
 
 
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor,
+                  label_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused losses' inputs: (hidden rows `[n, d]` and labels `[n]` of the n labelled tokens, n as a long
+    tensor on their device). `label_positions` (`labelled_positions(labels)`, e.g. from the host) skips finding
+    them."""
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_l = labels.reshape(-1).to(flat_h.device).long()
+    keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
+    n_tokens = host_to_device(torch.tensor(keep.numel()), flat_h.device)  # a torch.tensor(device=cuda) syncs
+    return flat_h.index_select(0, keep), flat_l.index_select(0, keep), n_tokens
+
+
 def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, vocab: int,
                          single_call: bool = False,
                          label_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +89,14 @@ def linear_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: torch
     so each rank makes exactly one, also with no target) runs the labelled rows through `head` at once and chunks
     only the float32 CE. `label_positions` (`labelled_positions(labels)`, e.g. from the host) skips finding them.
     """
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_l = labels.reshape(-1).to(flat_h.device).long()
-    keep = labelled_positions(flat_l) if label_positions is None else label_positions.to(flat_h.device)
-    n_tokens = to_device(torch.tensor(keep.numel()), flat_h.device)  # a torch.tensor(device=cuda) syncs
-    rows_h, rows_l = flat_h.index_select(0, keep), flat_l.index_select(0, keep)
+    rows_h, rows_l, n_tokens = labelled_rows(hidden, labels, label_positions)
     if single_call:
         logits = head(rows_h)
         total, _ = compute_loss(logits, rows_l)
         return total + logits.sum() * 0.0, n_tokens  # keeps lm_head in the graph on a rank without targets
     grads = torch.is_grad_enabled() and (rows_h.requires_grad or any(p.requires_grad for p in head.parameters()))
     rows = max(1, CHUNK_ELEMENTS // vocab)
-    total = flat_h.new_zeros((), dtype=torch.float32)
+    total = rows_h.new_zeros((), dtype=torch.float32)
     for s in range(0, rows_l.numel(), rows):
         h, lab = rows_h[s:s + rows], rows_l[s:s + rows]
         if grads:

@@ -44,7 +44,7 @@ from .packing import packed_llm_kwargs
 from .configuration import MiniCPMV25Config, MiniCPMV26Config, MiniCPMVConfig
 from .loss import linear_cross_entropy
 from .resampler import Resampler, ResamplerAttention, sincos_2d
-from .transfer import to_device
+from .transfer import host_to_device
 from .vision import NavitSiglipVisionTower
 
 DUMMY_TGT = (4, 4)  # patch grid of the zero-contribution crop of text-only training batches
@@ -60,7 +60,7 @@ def llm_position_ids(position_ids: Optional[torch.Tensor], device: torch.device)
         steps = torch.arange(position_ids.shape[1], dtype=position_ids.dtype)
         if bool((position_ids == steps).all()):
             return None
-    return to_device(position_ids, device).long()
+    return host_to_device(position_ids, device).long()
 
 
 @dataclass
@@ -171,7 +171,7 @@ class MiniCPMVBase(PreTrainedModel):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         out = torch.cat(feats)
-        return out.index_select(0, to_device(inverse, out.device)).to(self.get_input_embeddings().weight.dtype)
+        return out.index_select(0, host_to_device(inverse, out.device)).to(self.get_input_embeddings().weight.dtype)
 
     def _dummy_features(self, device: torch.device) -> torch.Tensor:
         h, w = DUMMY_TGT
@@ -204,7 +204,7 @@ class MiniCPMVBase(PreTrainedModel):
             positions.append(i * length + torch.cat([torch.arange(s, e) for s, e in spans]))
         if crops:
             feats = self.image_features(crops, torch.cat(sizes))
-            index = to_device(torch.cat(positions), emb.device)
+            index = host_to_device(torch.cat(positions), emb.device)
             emb = emb.reshape(batch * length, dim).index_copy(0, index, feats.reshape(-1, dim)).reshape(emb.shape)
         elif self.training or self.zero3_partitioned:
             # ZeRO-3 gathers weights collectively, so eval needs the dummy crop too

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transfer import to_device
+from .transfer import host_to_device
 from .vision import CropRuns
 
 
@@ -119,7 +119,7 @@ class Resampler(nn.Module):
         max_h, max_w = max(h for h, _ in sizes), max(w for _, w in sizes)
         if max_h > self.max_size[0] or max_w > self.max_size[1]:
             self.reset_pos_embed(max(max_h, self.max_size[0]), max(max_w, self.max_size[1]))
-        return to_device(self.pos_embed, device)  # the buffer is there already unless its table grew
+        return host_to_device(self.pos_embed, device)  # the buffer is there already unless its table grew
 
     def forward(self, x: torch.Tensor, tgt_sizes: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """x `[B, Nmax, kv_dim]` (padded patches), tgt_sizes `[B, 2]` → `[B, Q, D]`.
@@ -132,10 +132,9 @@ class Resampler(nn.Module):
         pos_table = self._pos_table(sizes, x.device)
         rows = [F.pad(pos_table[:h, :w].reshape(h * w, -1), (0, 0, 0, n_max - h * w)) for h, w in sizes]
         pos = torch.stack(rows).to(x.dtype)
-        # the key padding mask from the host sizes (None when no crop is padded), queued to the device
-        padded = any(h * w < n_max for h, w in sizes)
-        padding = to_device(torch.arange(n_max)[None, :] >= torch.tensor([h * w for h, w in sizes])[:, None],
-                            x.device) if padded else None
+        # the key padding mask [B, Nmax] (True = padding) from the host sizes, queued to the device; None unpadded
+        padding = torch.arange(n_max)[None, :] >= torch.tensor([h * w for h, w in sizes])[:, None]
+        padding = host_to_device(padding, x.device) if bool(padding.any()) else None
 
         x = self.ln_kv(self.kv_proj(x))
         q = self.ln_q(self.query).unsqueeze(0).expand(b, -1, -1)

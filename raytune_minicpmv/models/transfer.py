@@ -3,8 +3,9 @@
 The forward builds small index tensors on the host (vision position ids, the crops' order, the image-token
 positions, the packed rows' boundaries) from the sizes and spans it reads there. A plain `.to(cuda)` of one is a
 blocking copy: torch waits for the whole CUDA stream to drain first (its `memcpy_and_sync`), so each such copy costs
-the GPU its queue, like a device-to-host read. `to_device` queues the copy instead: from page-locked memory (torch's
-caching host allocator keeps the block until the copy has run), `non_blocking`, so the host goes on launching.
+the GPU its queue, like a device-to-host read. `host_to_device` queues the copy instead: from page-locked memory
+(torch's caching host allocator keeps the block until the copy has run), `non_blocking`, so the host goes on
+launching.
 
 Off CUDA (the CPU tests, other accelerators) it is a plain `.to(device)`.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` on `device`; a CPU tensor bound for CUDA is pinned and copied asynchronously (no stream sync)."""
     device = torch.device(device)
     if device.type == "cuda" and t.device.type == "cpu":

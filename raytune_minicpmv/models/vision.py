@@ -36,7 +36,7 @@ from transformers import Idefics2VisionConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.idefics2.modeling_idefics2 import Idefics2EncoderLayer
 
-from .transfer import to_device
+from .transfer import host_to_device
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,9 +235,9 @@ class NavitSiglipVisionTower(nn.Module):
             position_ids = navit_position_ids(tgt_sizes, side, n_max)
             n_valid = tgt_sizes[:, 0] * tgt_sizes[:, 1]
             # [B, Nmax], built where the sizes are (the host, in training) and queued to the device
-            valid = to_device(torch.arange(n_max, device=n_valid.device)[None, :] < n_valid[:, None],
-                              pixel_values.device)
-        hidden = self.embeddings(pixel_values, to_device(position_ids, pixel_values.device))
+            valid = host_to_device(torch.arange(n_max, device=n_valid.device)[None, :] < n_valid[:, None],
+                                   pixel_values.device)
+        hidden = self.embeddings(pixel_values, host_to_device(position_ids, pixel_values.device))
         # The mask in the form the attention implementation needs (eager adds it to the scores, so a bool mask
         # there would add 0/1 instead of masking); None when nothing is padded, so SDPA picks its fastest kernel.
         mask = None if valid is None else create_bidirectional_mask(config=self.config, inputs_embeds=hidden,
@@ -256,9 +256,9 @@ class NavitSiglipVisionTower(nn.Module):
             raise ValueError(f"packed pixels {tuple(pixel_values.shape)}: expected [1, 3, {self.config.patch_size}, "
                              f"{runs.total * self.config.patch_size}] for tgt_sizes {tgt_sizes.tolist()}")
         position_ids = packed_position_ids(tgt_sizes, self.embeddings.num_patches_per_side)
-        hidden = self.embeddings(pixel_values, to_device(position_ids, pixel_values.device)[None])[0]  # [T, C]
+        hidden = self.embeddings(pixel_values, host_to_device(position_ids, pixel_values.device)[None])[0]  # [T, C]
         packed = PackedCrops(runs)
         if getattr(self, "crop_attention", "grouped") == "varlen":  # models.kernels (model.vision_attention)
-            cu = to_device(torch.tensor(runs.cu_seqlens(), dtype=torch.int32), hidden.device)
+            cu = host_to_device(torch.tensor(runs.cu_seqlens(), dtype=torch.int32), hidden.device)
             packed = PackedCrops(runs, (cu, runs.longest))
         return self.post_layernorm(self.encoder(hidden, packed))
