@@ -16,22 +16,9 @@ import warnings
 import pytest
 import torch
 
+from tests.unit.train.test_host_reads import batch  # the CPU test's batch: 3 crops, 25 labels
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-P = 14
-
-
-def batch(length: int = 96) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (2, length), generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[0, -15:], labels[1, 50:60] = ids[0, -15:], ids[1, 50:60]
-    crops = [[torch.randn(3, P, 12 * P, generator=g), torch.randn(3, P, 6 * P, generator=g)],
-             [torch.randn(3, P, 12 * P, generator=g)]]
-    return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
-                position_ids=torch.arange(length).repeat(2, 1), pixel_values=crops,
-                tgt_sizes=[torch.tensor([[3, 4], [2, 3]], dtype=torch.int32), torch.tensor([[4, 3]], dtype=torch.int32)],
-                image_bound=[torch.tensor([[2, 18], [20, 36]]), torch.tensor([[2, 18]])])
 
 
 def syncs_of_a_step(model, b: dict) -> list[str]:

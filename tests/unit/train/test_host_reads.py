@@ -11,9 +11,9 @@ results stay marked, like a CUDA tensor's); any host read of a marked tensor rai
 
 The other way a forward drains the GPU's queue is a blocking host-to-device copy (`.to(cuda)` of a host tensor,
 `torch.tensor(..., device=cuda)`: torch syncs the stream before it copies). The forward builds small index tensors
-on the host; they go through `models.transfer.to_device` (pinned, `non_blocking`). On a CPU, a function mode records
-every move of an unmarked (host) tensor to a device that is not queued. tests/gpu/test_host_syncs_gpu.py checks
-both kinds on a GPU under torch's sync debug mode.
+on the host; they go through `models.transfer.host_to_device` (pinned, `non_blocking`). On a CPU, a function mode
+records every move of an unmarked (host) tensor to a device that is not queued. tests/gpu/test_host_syncs_gpu.py
+checks both kinds on a GPU under torch's sync debug mode.
 
 Run: pytest tests/unit/train/test_host_reads.py   (~10 s)
 """
@@ -88,15 +88,17 @@ def ckpt(tmp_path_factory):
     return build_tiny("minicpmv2_6", tmp_path_factory.mktemp("tiny"), query_num=16)
 
 
-def batch(with_images: bool = True, length: int = 60) -> dict:
+def batch(with_images: bool = True, query_num: int = 16) -> dict:
+    """Two rows of 2 * query_num + 28 tokens: three crops (two in row 0, one in row 1), 25 labelled tokens."""
+    length, q = 2 * query_num + 28, query_num
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (2, length), generator=g)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[0, -15:], labels[1, 40:50] = ids[0, -15:], ids[1, 40:50]
+    labels[0, -15:], labels[1, -20:-10] = ids[0, -15:], ids[1, -20:-10]
     crops = [[torch.randn(3, 14, 14 * 12, generator=g), torch.randn(3, 14, 14 * 6, generator=g)],
              [torch.randn(3, 14, 14 * 12, generator=g)]] if with_images else [[], []]
     sizes = [torch.tensor([[3, 4], [2, 3]], dtype=torch.int32), torch.tensor([[4, 3]], dtype=torch.int32)]
-    bounds = [torch.tensor([[2, 18], [20, 36]]), torch.tensor([[2, 18]])]
+    bounds = [torch.tensor([[2, 2 + q], [4 + q, 4 + 2 * q]]), torch.tensor([[2, 2 + q]])]
     if not with_images:
         sizes, bounds = [torch.zeros(0, 2, dtype=torch.int32)] * 2, [torch.zeros(0, 2, dtype=torch.long)] * 2
     return dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
@@ -131,6 +133,16 @@ def test_a_training_step_queues_every_host_to_device_copy(ckpt, varlen, with_ima
         total, _ = batch_loss(model, b, fused=True)
         total.backward()
     assert copies.seen == []
+
+
+def test_the_published_layout_queues_every_host_to_device_copy(published26):
+    """The same on a checkpoint laid out like the published 2.6 folder (its real config.json: query_num 64)."""
+    model = model_for(published26, True, fused=True)
+    b = moved(with_label_positions(batch(query_num=model.get_base_model().config.query_num)), host_batch_keys(model))
+    with BlockingCopies() as copies:
+        total, count = batch_loss(model, b, fused=True)
+        total.backward()
+    assert copies.seen == [] and isinstance(total, OnDevice) and int(count) == 25
 
 
 def test_the_copy_recorder_sees_a_blocking_copy():
